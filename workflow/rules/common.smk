@@ -1,0 +1,80 @@
+# Shared helpers: paths, shard lists, stage lookups. No logic that tests cannot reach: what is more than a lookup
+# lives in pipeline/ (pipeline.train.config.resolve_stage).
+
+import json
+import shlex
+from pathlib import Path
+
+from pipeline.train.config import resolve_stage
+
+RESULTS = "results"
+LOGS = f"{RESULTS}/logs"
+BENCHMARKS = f"{RESULTS}/benchmarks"
+STAGES = [stage["name"] for stage in config["stages"]]
+EVAL_STAGE = config["evaluate"]["stage"] or STAGES[-1]
+STRICT = "--strict" if config["data"]["strict"] else ""
+
+if EVAL_STAGE not in STAGES:
+    raise ValueError(f"evaluate.stage: {EVAL_STAGE!r} is not a stage; stages are {STAGES}")
+
+
+wildcard_constraints:
+    shard=r"shard-\d+",
+    stage="|".join(STAGES),
+
+
+def shard_ids():
+    """The shard names, known once checkpoint `shards` has cut the manifest."""
+    folder = checkpoints.shards.get().output[0]
+    return sorted(path.stem for path in Path(folder).glob("shard-*.tsv"))
+
+
+def per_shard(pattern):
+    """An input function: `pattern` expanded over every shard."""
+    return lambda wildcards: expand(pattern, shard=shard_ids())
+
+
+def stage_config(name):
+    """The stage's entry of config["stages"]."""
+    return config["stages"][STAGES.index(name)]
+
+
+def stage_inputs(name):
+    """What a training stage reads besides its stage.yaml: the data, and the model it starts from."""
+    init = stage_config(name).get("init")
+    start = f"{RESULTS}/train/{init}/model" if init else local_llm()
+    return {
+        "train": f"{RESULTS}/instructions/train.json",
+        "index": f"{RESULTS}/features/index.tsv",
+        **({"start": start} if start else {}),
+    }
+
+
+def local_llm():
+    """The base LLM folder when a rule makes it (from a GGUF file), else nothing (a hub name or existing folder)."""
+    return config["llm"]["name_or_path"] if config["llm"]["gguf"] else None
+
+
+def all_targets(wildcards):
+    """Every final output: stage models, evaluation, report assets."""
+    return [
+        *expand(f"{RESULTS}/train/{{stage}}/model", stage=STAGES),
+        f"{RESULTS}/eval/metrics.json",
+        f"{RESULTS}/report/summary.html",
+        *expand(f"{RESULTS}/report/loss_{{stage}}.svg", stage=STAGES),
+        f"{RESULTS}/report/rulegraph.svg",
+        f"{RESULTS}/report/dag.svg",
+    ]
+
+
+DATA_STAGES = ("download", "transcode", "compress", "features")
+
+
+def status_tables(wildcards):
+    """Every data stage's status tables, stage by stage."""
+    return {stage: expand(f"{RESULTS}/{stage}/{{shard}}.tsv", shard=shard_ids()) for stage in DATA_STAGES}
+
+
+def summary_stage_args(wildcards):
+    """`--stage NAME TABLE...` arguments of the summary page, one per data stage."""
+    return " ".join(f"--stage {stage} {' '.join(tables)}" for stage, tables in status_tables(wildcards).items())

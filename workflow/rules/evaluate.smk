@@ -1,0 +1,28 @@
+rule evaluate:
+    """Answer the val split's questions with the evaluated stage; exact match and token F1, no paid API."""
+    input:
+        model=f"{RESULTS}/train/{EVAL_STAGE}/model",
+        records=f"{RESULTS}/instructions/val.json",
+        index=f"{RESULTS}/features/index.tsv",
+    output:
+        metrics=f"{RESULTS}/eval/metrics.json",
+        predictions=f"{RESULTS}/eval/predictions.jsonl",
+    params:
+        out_dir=lambda wildcards, output: Path(output[0]).parent,
+        max_new_tokens=config["evaluate"]["max_new_tokens"],
+        batch_size=config["evaluate"]["batch_size"],
+    threads: config["evaluate"]["resources"]["cpus"]
+    resources:
+        gpu=min(1, config["evaluate"]["resources"]["gpus"]),
+        mem_mb=config["evaluate"]["resources"]["mem_mb"],
+        runtime=config["evaluate"]["resources"]["runtime"],
+    log:
+        f"{LOGS}/evaluate.log",
+    benchmark:
+        f"{BENCHMARKS}/evaluate.tsv"
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m pipeline.eval.generate --model {input.model} --records {input.records} --index {input.index}"
+        " --out-dir {params.out_dir} --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size}"
+        " > {log} 2>&1"

