@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import json
 import sys
 from pathlib import Path
 
@@ -68,8 +67,8 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
         for split in ("train", "val")
     ])
     reasons = pd.DataFrame(list(instruction_counts["rejected_by_reason"].items()), columns=["reason", "records"])
-    metric_rows = pd.DataFrame([{"metric": k, "value": round(scores[k], 4) if isinstance(scores[k], float) else scores[k]}
-                                for k in ("count", "exact_match", "token_f1")])
+    metric_rows = pd.DataFrame([{"metric": key, "value": round(scores[key], 4)}
+                                for key in ("count", "exact_match", "token_f1")])
     sections = [
         ("Videos per data stage", counts),
         ("Manifest rows rejected before download", rejected),

@@ -192,6 +192,8 @@ def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: i
         log.info("%s: discarding partial output made with other settings", partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
+    for leftover in partial.glob(".*.tmp*"):  # temporary files of a killed run: never complete, never used
+        leftover.unlink()
     write_json(stamp, settings)
 
     results: dict[int, dict] = {}

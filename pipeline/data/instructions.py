@@ -42,7 +42,8 @@ def from_videochatgpt_qa(annotations: list) -> Iterator[tuple[int, dict | None, 
         if not isinstance(entry, dict):
             yield index, None, f"entry is a {type(entry).__name__}, not an object"
             continue
-        bad = next((k for k in ("video_id", "q", "a") if not isinstance(entry.get(k), str) or not entry[k].strip()), None)
+        bad = next((k for k in ("video_id", "q", "a") if not isinstance(entry.get(k), str) or not entry[k].strip()),
+                   None)
         if bad:
             yield index, None, f"{bad}: missing or empty"
             continue

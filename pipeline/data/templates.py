@@ -110,7 +110,9 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: Templa
     Raises:
         ValueError: turns do not alternate human/gpt starting with human (names the turn).
     """
-    turns = conversations[:-1] if for_generation and conversations and conversations[-1]["from"] == "gpt" else conversations
+    turns = conversations
+    if for_generation and turns and turns[-1]["from"] == "gpt":
+        turns = turns[:-1]
     ids: list[int] = [tokenizer.bos_token_id] if template.bos and tokenizer.bos_token_id is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
 

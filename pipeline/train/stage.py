@@ -200,6 +200,10 @@ def run_stage(config: StageConfig) -> None:
     trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=VideoCollator(
         tokenizer.pad_token_id), processing_class=tokenizer)
     trainer.stage_meta = meta
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    log.info("stage %s: %s, %d process(es) on %s", config.name,
+             f"DeepSpeed ZeRO-{plugin.zero_stage} ({config.deepspeed})" if plugin else "no DeepSpeed",
+             args.world_size, args.device)
     if resume:
         log.info("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)

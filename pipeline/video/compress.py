@@ -20,7 +20,8 @@ from pipeline.video.ffmpeg import INFO_COLUMNS, h264_output, probe, run
 COLUMNS = STATUS_COLUMNS + INFO_COLUMNS
 
 
-def compress(row: dict, dest: Path, fps: float, size: int, crf: int, preset: str, threads: int, timeout_s: float) -> dict:
+def compress(row: dict, dest: Path, fps: float, size: int, crf: int, preset: str, threads: int,
+             timeout_s: float) -> dict:
     """Compress ``row["path"]`` to ``dest``: ``fps`` frames/s, short side ``size`` px (aspect kept), no audio.
 
     Returns:

@@ -50,6 +50,6 @@ def read_frames(path: str | Path, count: int, sampling: str = "uniform") -> tupl
         indices = sample_indices(total, count, sampling)
         frames = reader.get_batch(indices.tolist()).asnumpy()
         times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float32)
-    except decord.DECORDError as exc:
+    except (decord.DECORDError, RuntimeError) as exc:  # decord raises RuntimeError when it cannot open a file
         raise ItemError(f"decode error: {str(exc).splitlines()[0][:300]}") from None
     return frames, indices, times

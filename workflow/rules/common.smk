@@ -56,8 +56,12 @@ def local_llm():
 
 
 def all_targets(wildcards):
-    """Every final output: stage models, evaluation, report assets."""
+    """Every product: each shard's videos and features (so that deleting one shard's videos redoes that shard and
+    what follows), the stage models, the evaluation and the report assets."""
     return [
+        *expand("resources/raw/{shard}", shard=shard_ids()),
+        *expand(f"{RESULTS}/{{stage}}/{{shard}}", stage=("transcode", "compress"), shard=shard_ids()),
+        *expand(f"{RESULTS}/features/{{shard}}.h5", shard=shard_ids()),
         *expand(f"{RESULTS}/train/{{stage}}/model", stage=STAGES),
         f"{RESULTS}/eval/metrics.json",
         f"{RESULTS}/report/summary.html",

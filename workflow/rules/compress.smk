@@ -2,6 +2,7 @@ rule compress:
     """Every transcoded video of a shard to compress.fps frames/s, short side compress.size px, no audio."""
     input:
         status=f"{RESULTS}/transcode/{{shard}}.tsv",
+        videos=f"{RESULTS}/transcode/{{shard}}",
     output:
         status=f"{RESULTS}/compress/{{shard}}.tsv",
         videos=directory(f"{RESULTS}/compress/{{shard}}"),

@@ -9,6 +9,8 @@ rule demo_manifest:
         "resources/demo/manifest.tsv",
     log:
         f"{LOGS}/demo_manifest.log",
+    benchmark:
+        f"{BENCHMARKS}/demo_manifest.tsv"
     localrule: True
     conda:
         "../../envs/video.yaml"
@@ -26,6 +28,8 @@ checkpoint shards:
         shard_size=config["data"]["shard_size"],
     log:
         f"{LOGS}/shards.log",
+    benchmark:
+        f"{BENCHMARKS}/shards.tsv"
     localrule: True
     conda:
         "../../envs/video.yaml"

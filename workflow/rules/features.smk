@@ -2,6 +2,7 @@ rule features:
     """CLIP spatio-temporal features of a shard's compressed videos, one HDF5 file per shard."""
     input:
         status=f"{RESULTS}/compress/{{shard}}.tsv",
+        videos=f"{RESULTS}/compress/{{shard}}",
     output:
         status=f"{RESULTS}/features/{{shard}}.tsv",
         features=f"{RESULTS}/features/{{shard}}.h5",
@@ -31,6 +32,8 @@ rule features_index:
         f"{RESULTS}/features/index.tsv",
     log:
         f"{LOGS}/features_index.log",
+    benchmark:
+        f"{BENCHMARKS}/features_index.tsv"
     localrule: True
     conda:
         "../../envs/train.yaml"

@@ -15,6 +15,8 @@ rule instructions:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
     log:
         f"{LOGS}/instructions.log",
+    benchmark:
+        f"{BENCHMARKS}/instructions.tsv"
     localrule: True
     conda:
         "../../envs/train.yaml"

@@ -14,6 +14,8 @@ rule loss_plot:
         ),
     log:
         f"{LOGS}/loss_plot/{{stage}}.log",
+    benchmark:
+        f"{BENCHMARKS}/loss_plot/{{stage}}.tsv"
     localrule: True
     conda:
         "../../envs/train.yaml"
@@ -34,6 +36,8 @@ rule summary:
         stages=summary_stage_args,
     log:
         f"{LOGS}/summary.log",
+    benchmark:
+        f"{BENCHMARKS}/summary.tsv"
     localrule: True
     conda:
         "../../envs/train.yaml"
@@ -66,6 +70,8 @@ rule report_graphs:
         dag=report(f"{RESULTS}/report/dag.svg", caption="../report/dag.rst", category="Workflow"),
     log:
         f"{LOGS}/report_graphs.log",
+    benchmark:
+        f"{BENCHMARKS}/report_graphs.tsv"
     localrule: True
     conda:
         "../../envs/video.yaml"

@@ -15,6 +15,8 @@ if config["llm"]["gguf"]:
             file=config["llm"]["gguf"]["file"],
         log:
             f"{LOGS}/convert_llm.log",
+        benchmark:
+            f"{BENCHMARKS}/convert_llm.tsv"
         localrule: True
         conda:
             "../../envs/train.yaml"
@@ -59,7 +61,7 @@ for _stage in config["stages"]:
         log:
             f"{LOGS}/train/{_stage['name']}.log",
         benchmark:
-            f"{BENCHMARKS}/train/{_stage['name']}.tsv"
+            f"{BENCHMARKS}/train_{_stage['name']}.tsv"
         conda:
             "../../envs/train.yaml"
         shell:

@@ -2,6 +2,7 @@ rule transcode:
     """Every downloaded video of a shard to H.264 mp4 (yuv420p, faststart); segments are cut here."""
     input:
         status=f"{RESULTS}/download/{{shard}}.tsv",
+        videos="resources/raw/{shard}",
     output:
         status=f"{RESULTS}/transcode/{{shard}}.tsv",
         videos=directory(f"{RESULTS}/transcode/{{shard}}"),

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from pipeline import IGNORE_INDEX, VIDEO_TOKEN_INDEX
+from pipeline.data.dataset import InstructionDataset, VideoCollator
+from pipeline.data.templates import get_template
+from pipeline.model.projector import build_projector
+from pipeline.model.video_llm import VideoLLM, load_llm
+from pipeline.train.config import StageConfig
+from pipeline.train.stage import build_model
+
+
+def _stage(tiny_llm_dir, **kwargs):
+    return StageConfig(name="s", llm=str(tiny_llm_dir), template="chatml", train_data="-", features_index="-",
+                       output_dir="out", **kwargs)
+
+
+def test_projector_shapes():
+    assert build_projector("linear", 8, 4).weight.shape == (4, 8)
+    mlp = build_projector("mlp2x_gelu", 8, 4)
+    assert [tuple(p.shape) for p in mlp.parameters()] == [(4, 8), (4,), (4, 4), (4,)]
+    with pytest.raises(ValueError, match="unknown mm_projector"):
+        build_projector("qformer", 8, 4)
+
+
+def test_video_rows_land_at_the_video_positions_in_order(tiny_llm_dir):
+    llm = load_llm(str(tiny_llm_dir), torch.float32)
+    model = VideoLLM(llm, build_projector("linear", 6, 32))
+    ids = torch.tensor([[5, VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, 7], [VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, 9, 2]])
+    features = torch.randn(4, 6)
+    embeds = model.embed(ids, features)
+    projected = model.mm_projector(features)
+    table = llm.get_input_embeddings().weight
+    assert torch.allclose(embeds[0, 1:3], projected[:2]) and torch.allclose(embeds[1, :2], projected[2:])
+    assert torch.equal(embeds[0, 0], table[5]) and torch.equal(embeds[1, 2], table[9])
+    with pytest.raises(ValueError, match="4 video positions in input_ids but 3 video feature rows"):
+        model.embed(ids, features[:3])
+
+
+def test_collator_pads_right_and_concatenates_features():
+    batch = [
+        {"input_ids": torch.tensor([1, VIDEO_TOKEN_INDEX, 3]), "labels": torch.tensor([IGNORE_INDEX, IGNORE_INDEX, 3]),
+         "video_features": torch.ones(1, 4)},
+        {"input_ids": torch.tensor([VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX]), "labels": torch.tensor([IGNORE_INDEX] * 2),
+         "video_features": torch.zeros(2, 4)},
+    ]
+    out = VideoCollator(pad_token_id=0)(batch)
+    assert out["input_ids"].tolist() == [[1, VIDEO_TOKEN_INDEX, 3], [VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, 0]]
+    assert out["labels"][1].tolist() == [IGNORE_INDEX] * 3
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert out["video_features"].shape == (3, 4) and out["video_features"][0].sum() == 4
+
+
+class _Store:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def get(self, video):
+        return torch.zeros(self.rows, 6, dtype=torch.float16).numpy()
+
+
+def test_dataset_cuts_long_samples_but_never_the_video(tokenizer):
+    record = {"id": "r", "video": "v", "conversations": [
+        {"from": "human", "value": "<video>\nDescribe."}, {"from": "gpt", "value": "word " * 50}]}
+    item = InstructionDataset([record], tokenizer, get_template("chatml"), _Store(4), max_length=40)[0]
+    assert len(item["input_ids"]) == 40 and (item["input_ids"] == VIDEO_TOKEN_INDEX).sum() == 4
+    with pytest.raises(ValueError, match="record 'r': video tokens end at position"):
+        InstructionDataset([record], tokenizer, get_template("chatml"), _Store(60), max_length=40)[0]
+
+
+def _grads(model, batch):
+    model.zero_grad()
+    model(**batch).loss.backward()
+    return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+@pytest.mark.parametrize("llm_training, expected", [
+    ("frozen", lambda name: name.startswith("mm_projector.")),
+    ("lora", lambda name: name.startswith("mm_projector.") or ".lora_" in name),
+    ("full", lambda name: True),
+])
+def test_exactly_the_stage_parameters_train(tiny_llm_dir, llm_training, expected):
+    lora = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    config = _stage(tiny_llm_dir, llm_training=llm_training, lora=lora if llm_training == "lora" else None)
+    model, meta = build_model(config, feature_dim=6)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {name for name, _ in model.named_parameters() if expected(name)}
+    if llm_training == "lora":  # LoRA B starts at zero, so A gets no gradient on the first step
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p)
+    batch = {"input_ids": torch.tensor([[VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, 5, 6, 7]]),
+             "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6, 7]]),
+             "video_features": torch.randn(2, 6)}
+    with_grad = _grads(model, batch)
+    assert with_grad <= trainable and {n for n in trainable if "mm_projector" in n} <= with_grad
+    assert meta["llm_training"] == llm_training and meta["mm_hidden_size"] == 6 and meta["hidden_size"] == 32

@@ -1,0 +1,140 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from conftest import REPO
+
+from pipeline.eval.generate import evaluate
+from pipeline.features.store import INDEX_COLUMNS, write_shard
+from pipeline.io import read_json, read_table, write_json, write_table, write_yaml
+from pipeline.model.video_llm import load_llm, load_stage
+from pipeline.train.config import StageConfig, resolve_stage
+from pipeline.train.launch import build_command
+from pipeline.train.stage import _latest_checkpoint
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Four videos of random (T + S = 6, D = 8) features and 12 single-turn records."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    videos = {f"v{i}": (rng.standard_normal((6, 8)).astype(np.float16), {"T": 2, "S": 4}) for i in range(4)}
+    write_shard(root / "shard-00000.h5", videos, {"encoder": "test"})
+    write_table(root / "index.tsv", [{"video_id": v, "path": str(root / "shard-00000.h5"), "tokens": 6, "dim": 8}
+                                     for v in videos], INDEX_COLUMNS)
+    records = [{"id": f"{v}_{j}", "video": v, "conversations": [
+        {"from": "human", "value": f"<video>\nQuestion {j}?"}, {"from": "gpt", "value": f"Answer {v}."}]}
+        for v in videos for j in range(3)]
+    write_json(root / "train.json", records)
+    return root
+
+
+def _run_stage(root, tiny_llm_dir, data, name, **settings):
+    config = {"name": name, "llm": str(tiny_llm_dir), "template": "chatml", "train_data": str(data / "train.json"),
+              "features_index": str(data / "index.tsv"), "output_dir": str(root / name), "epochs": 2,
+              "learning_rate": 1e-2, "batch_size": 4, "save_steps": 2, "max_length": 64,
+              "deepspeed": str(REPO / "config/deepspeed/zero2.json"), **settings}
+    path = root / f"{name}.yaml"
+    write_yaml(path, config)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "pipeline.train.launch", "--config", str(path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return StageConfig.from_dict(config), done.stderr
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, tiny_llm_dir, data):
+    """Stage 1 (projector only) then stage 2 (projector + LoRA, from stage 1), each a real DeepSpeed ZeRO-2 run."""
+    root = tmp_path_factory.mktemp("train")
+    first, log1 = _run_stage(root, tiny_llm_dir, data, "stage1")
+    second, _ = _run_stage(root, tiny_llm_dir, data, "stage2", init=str(root / "stage1" / "model"),
+                           llm_training="lora", lora={"r": 4, "alpha": 8, "dropout": 0.0,
+                                                      "target_modules": ["q_proj", "v_proj"]})
+    return root, first, second, log1
+
+
+def test_stage_outputs_and_logs(stages):
+    root, first, second, log1 = stages
+    assert "stage stage1: DeepSpeed ZeRO-2" in log1
+    model1 = root / "stage1" / "model"
+    assert sorted(p.name for p in model1.iterdir()) == ["mm_projector.safetensors", "stage.yaml", "video_llm.json"]
+    assert sorted(p.name for p in (root / "stage2" / "model").iterdir()) == [
+        "adapter", "mm_projector.safetensors", "stage.yaml", "video_llm.json"]
+    loss = read_table(root / "stage1" / "loss.tsv")
+    assert len(loss) == 6 and list(loss.columns) == ["step", "epoch", "loss", "learning_rate", "grad_norm"]
+    assert not (root / "stage1" / "checkpoints").exists()  # resume state goes once the stage is complete
+    meta = read_json(root / "stage2" / "model" / "video_llm.json")
+    assert meta["adapters"] == [str(root / "stage2" / "model" / "adapter")] and meta["llm_training"] == "lora"
+
+
+def test_stage1_trains_only_the_projector_and_stage2_starts_from_it(stages, tiny_llm_dir):
+    root = stages[0]
+    torch.manual_seed(0)
+    initial = torch.nn.Linear(8, 32)  # what build_model draws first with seed 0
+    trained1 = safetensors.torch.load_file(root / "stage1" / "model" / "mm_projector.safetensors")
+    assert not torch.allclose(trained1["weight"], initial.weight)
+    model2, _ = load_stage(root / "stage2" / "model")
+    base = load_llm(str(tiny_llm_dir), torch.float32)
+    merged = dict(model2.llm.named_parameters())
+    changed = {n for n, p in base.named_parameters() if not torch.equal(p, merged[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # LoRA merged into q/v only
+    trained2 = safetensors.torch.load_file(root / "stage2" / "model" / "mm_projector.safetensors")
+    assert not torch.allclose(trained2["weight"], trained1["weight"])
+
+
+def test_evaluate_writes_predictions_and_metrics(stages, data, tmp_path):
+    root = stages[0]
+    metrics = evaluate(root / "stage2" / "model", data / "train.json", data / "index.tsv", tmp_path, max_new_tokens=4)
+    assert metrics["count"] == 12 and 0 <= metrics["token_f1"] <= 1
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 12 and read_json(tmp_path / "metrics.json")["count"] == 12
+
+
+def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
+    config = StageConfig(name="s", llm="x", template="chatml", train_data="t", features_index="i", output_dir="o")
+    folder = tmp_path / "checkpoints"
+    assert _latest_checkpoint(folder, config, clean=True) is None
+    (folder / "checkpoint-2").mkdir()
+    (folder / "checkpoint-10").mkdir()
+    assert _latest_checkpoint(folder, config, clean=False).endswith("checkpoint-10")
+    changed = StageConfig(**{**config.to_dict(), "learning_rate": 1.0})
+    assert _latest_checkpoint(folder, changed, clean=True) is None
+    assert not (folder / "checkpoint-10").exists()
+
+
+def test_launch_commands():
+    assert build_command("s.yaml", 0, 1, python="py") == ["py", "-m", "pipeline.train.stage", "--config", "s.yaml"]
+    assert build_command("s.yaml", 8, 1, python="py") == [
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8",
+        "-m", "pipeline.train.stage", "--config", "s.yaml"]
+    assert build_command("s.yaml", 8, 4, head_node="gpu001", job_id="42", python="py") == [
+        "srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
+        "py", "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes", "4", "--rdzv_backend", "c10d",
+        "--rdzv_endpoint", "gpu001:29500", "--rdzv_id", "42", "-m", "pipeline.train.stage", "--config", "s.yaml"]
+    with pytest.raises(ValueError, match="several nodes need GPUs"):
+        build_command("s.yaml", 0, 2)
+
+
+def test_resolve_stage_from_the_workflow_config():
+    config = {
+        "llm": {"name_or_path": "m", "template": "chatml"}, "model": {"mm_projector_type": "mlp2x_gelu"},
+        "stages": [
+            {"name": "a", "init": None, "train": {"mm_projector": True, "llm": "frozen"}, "lora": {"r": 2},
+             "learning_rate": 1e-3},
+            {"name": "b", "init": "a", "train": {"mm_projector": True, "llm": "lora"}, "lora": {"r": 2}},
+        ],
+    }
+    a, b = resolve_stage(config, "a"), resolve_stage(config, "b")
+    assert (a["init"], a["lora"], a["learning_rate"], a["mm_projector_type"]) == (None, None, 1e-3, "mlp2x_gelu")
+    assert (b["init"], b["lora"], b["output_dir"]) == ("results/train/a/model", {"r": 2}, "results/train/b")
+    config["stages"][0]["init"] = "b"
+    with pytest.raises(ValueError, match=r"stages\[a\].init: 'b' is not an earlier stage"):
+        resolve_stage(config, "a")
+    with pytest.raises(ValueError, match="nothing trains"):
+        StageConfig(name="x", llm="m", template="chatml", train_data="t", features_index="i", output_dir="o",
+                    train_mm_projector=False)
