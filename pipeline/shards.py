@@ -15,6 +15,7 @@ import argparse
 import errno
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -132,7 +133,8 @@ class ShardTask:
         produce: ``(row, tmp_path) -> fields``; writes the video's output to ``tmp_path`` and returns the extra
             status fields (duration, fps, ...). Raises :class:`ItemError` for a failure of this video.
         describe: ``(done_path) -> fields`` for an output finished by an earlier, killed run of the same job.
-        settings: every setting that changes the output; a partial folder left by a run with other settings is
+        settings: every setting that changes the output. A partial folder left by a killed run is reused only
+            when these settings and the input rows (and the files they name) are unchanged; otherwise it is
             discarded rather than mixed in.
     """
 
@@ -151,6 +153,16 @@ def _failure(row: dict, exc: BaseException) -> dict:
         reason = f"unexpected {type(exc).__name__}: {exc}"
         log.error("%s: %s", row["video_id"], "".join(traceback.format_exception(exc)))
     return {"video_id": row["video_id"], "status": "failed", "reason": reason.replace("\t", " ").replace("\n", " | ")}
+
+
+def _input_key(row: dict) -> dict:
+    """A row and, when it names an input file, that file's size and modification time: what a resumed job must
+    find unchanged to reuse outputs made before it was killed."""
+    path = row.get("path")
+    if not path or not os.path.exists(path):
+        return row
+    stat = os.stat(path)
+    return {**row, "_input": [stat.st_size, stat.st_mtime_ns]}
 
 
 def _process_one(task: ShardTask, row: dict, partial: Path) -> dict:
@@ -187,9 +199,9 @@ def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: i
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     stamp = partial / ".settings.json"
-    settings = {"fingerprint": fingerprint(task.settings), "settings": task.settings}
+    settings = {"settings": task.settings, "inputs": fingerprint([_input_key(row) for row in rows])}
     if partial.exists() and (not stamp.exists() or read_json(stamp) != settings):
-        log.info("%s: discarding partial output made with other settings", partial)
+        log.info("%s: discarding partial output made with other settings or inputs", partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
     for leftover in partial.glob(".*.tmp*"):  # temporary files of a killed run: never complete, never used

@@ -71,19 +71,19 @@ def test_extract_shard_writes_hdf5_index_and_failed_rows(tmp_path, short_clip):
 
 def test_a_resumed_shard_does_not_redo_finished_videos(tmp_path, short_clip, monkeypatch):
     out, partial = tmp_path / "s.h5", tmp_path / "s.h5.partial"
-    rows = [{"video_id": "a", "path": str(short_clip)}]
-    with monkeypatch.context() as m:  # a job killed after video "a", before the shard file was complete
+    rows = [{"video_id": "a", "path": str(short_clip)}, {"video_id": "b", "path": str(short_clip)}]
+    with monkeypatch.context() as m:  # keep the partial folder, then make it what a job killed after "a" leaves
         m.setattr(extract, "shutil", SimpleNamespace(rmtree=lambda *a, **k: None))
         extract.extract_shard(rows, out, TINY_CLIP, threads=1)
     with h5py.File(out) as f:
         first = f["a"][()]
     out.unlink()
-    assert (partial / "a.npz").exists()
+    (partial / "b.npz").unlink()
 
     calls = []
     real = extract.video_features
     monkeypatch.setattr(extract, "video_features", lambda enc, path, *a: calls.append(path) or real(enc, path, *a))
-    status = extract.extract_shard(rows + [{"video_id": "b", "path": str(short_clip)}], out, TINY_CLIP, threads=1)
+    status = extract.extract_shard(rows, out, TINY_CLIP, threads=1)
     assert len(calls) == 1  # only "b"
     assert [r["status"] for r in status] == ["ok", "ok"]
     assert not partial.exists()

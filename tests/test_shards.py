@@ -78,18 +78,22 @@ def test_unexpected_error_is_a_row_but_a_full_disk_fails_the_job(tmp_path):
 
 
 def test_killed_shard_resumes_without_redoing_finished_videos_or_trusting_partial_files(tmp_path):
-    out = tmp_path / "out"
-    partial = tmp_path / "out.partial"
-    partial.mkdir()
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    rows = [{"video_id": "done"}, {"video_id": "todo"}]
     calls = []
-    task = _task(calls)
-    # what a killed run leaves: one finished video, one temporary file, the settings stamp
-    run_shard([{"video_id": "done"}], task, tmp_path / "first")
-    (tmp_path / "first" / ".settings.json").rename(partial / ".settings.json")
-    (tmp_path / "first" / "done.txt").rename(partial / "done.txt")
-    (partial / ".todo.abc123.tmp.txt").write_text("half")
+
+    def killed(row, tmp):
+        if row["video_id"] == "todo":
+            tmp.write_text("half")
+            raise SystemExit("killed")  # not an error of the video: the job dies
+        return _task(calls).produce(row, tmp)
+
+    with pytest.raises(SystemExit):
+        run_shard(rows, ShardTask(ext=".txt", produce=killed, describe=lambda p: {}, settings={"v": 1}), out)
+    assert sorted(p.name for p in partial.iterdir()) == [".settings.json", "done.txt"] and not out.exists()
+    (partial / ".todo.abc123.tmp.txt").write_text("half")  # what SIGKILL leaves behind
     calls.clear()
-    status = run_shard([{"video_id": "done"}, {"video_id": "todo"}], task, out)
+    status = run_shard(rows, _task(calls), out)
     assert calls == ["todo"]
     assert [r["status"] for r in status] == ["ok", "ok"]
     assert (out / "todo.txt").read_text() == "todo"
@@ -118,3 +122,16 @@ def test_threads_run_videos_concurrently(tmp_path):
     task = ShardTask(ext=".txt", produce=produce, describe=lambda p: {}, settings={})
     status = run_shard([{"video_id": "a"}, {"video_id": "b"}], task, tmp_path / "out", threads=2)
     assert [r["status"] for r in status] == ["ok", "ok"]
+
+
+def test_partial_output_made_from_other_input_files_is_discarded(tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("v1")
+    calls = []
+    rows = [{"video_id": "a", "path": str(source)}]
+    run_shard(rows, _task(calls), tmp_path / "first")
+    (tmp_path / "first").rename(tmp_path / "out.partial")  # as a killed run leaves it
+    source.write_text("v2, rewritten by a rerun of the stage before")
+    calls.clear()
+    run_shard(rows, _task(calls), tmp_path / "out")
+    assert calls == ["a"]

@@ -38,7 +38,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 def evaluate(model_dir: str | Path, records_path: str | Path, index: str | Path, out_dir: str | Path,
              max_new_tokens: int = 32, batch_size: int = 8) -> dict:
-    """Generate an answer to the last question of every record and score it against the record's answer.
+    """Generate an answer to the last question of every record and score it against the record's answer
+    (on a GPU in bfloat16 when one is available, else on the CPU in float32).
 
     Returns:
         The metrics (also written to ``<out_dir>/metrics.json``).
@@ -46,7 +47,9 @@ def evaluate(model_dir: str | Path, records_path: str | Path, index: str | Path,
     from transformers import AutoTokenizer
 
     torch.manual_seed(0)
-    model, meta = load_stage(model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_stage(model_dir, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(meta["llm"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = get_template(meta["template"])
@@ -59,8 +62,9 @@ def evaluate(model_dir: str | Path, records_path: str | Path, index: str | Path,
         prompts = [tokenize_conversation(r["conversations"], tokenizer, template, len(f), for_generation=True)[0]
                    for r, f in zip(batch, features)]
         ids, mask = left_pad(prompts, pad_id)
-        out = model.generate(ids, mask, torch.cat(features), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
+        out = model.generate(ids.to(device), mask.to(device), torch.cat(features).to(device),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=pad_id)
         for record, tokens in zip(batch, out):
             predictions.append({
                 "id": record["id"], "video": record["video"],

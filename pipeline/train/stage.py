@@ -23,6 +23,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from pipeline import configure_logging
 from pipeline.data.dataset import InstructionDataset, VideoCollator
@@ -80,35 +81,35 @@ def build_model(config: StageConfig, feature_dim: int) -> tuple[VideoLLM, dict]:
     return model, meta
 
 
-def _trainer_class():
-    from transformers import Trainer
+class VideoLLMTrainer(Trainer):
+    """The HF Trainer, saving and loading checkpoints in the stage's model-folder format (only what trains).
 
-    class VideoLLMTrainer(Trainer):
-        """The HF Trainer, saving and loading checkpoints in the stage's model-folder format (only what trains)."""
+    Args:
+        stage_meta: the ``video_llm.json`` content of the stage (:func:`build_model`).
+    """
 
-        stage_meta: dict = {}
+    def __init__(self, *args, stage_meta: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage_meta = stage_meta
 
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            if self.args.should_save:
-                save_stage(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
-                           self.stage_meta, self.processing_class)
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            save_stage(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir,
+                       self.stage_meta, self.processing_class)
 
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            model = self.accelerator.unwrap_model(model or self.model)
-            folder = Path(resume_from_checkpoint)
-            model.mm_projector.load_state_dict(safetensors.torch.load_file(folder / PROJECTOR_FILE))
-            if self.stage_meta["llm_training"] == "lora":
-                from peft import set_peft_model_state_dict
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        folder = Path(resume_from_checkpoint)
+        model.mm_projector.load_state_dict(safetensors.torch.load_file(folder / PROJECTOR_FILE))
+        if self.stage_meta["llm_training"] == "lora":
+            from peft import set_peft_model_state_dict
 
-                set_peft_model_state_dict(model.llm, safetensors.torch.load_file(
-                    folder / "adapter" / "adapter_model.safetensors"))
-            elif self.stage_meta["llm_training"] == "full":
-                from transformers.modeling_utils import load_sharded_checkpoint
-
-                load_sharded_checkpoint(model.llm, folder / "llm", strict=False)
-            log.info("resumed weights from %s", folder)
-
-    return VideoLLMTrainer
+            adapter = safetensors.torch.load_file(folder / "adapter" / "adapter_model.safetensors")
+            set_peft_model_state_dict(model.llm, adapter)
+        elif self.stage_meta["llm_training"] == "full":
+            for shard in sorted((folder / "llm").glob("*.safetensors")):  # tied weights are saved once
+                model.llm.load_state_dict(safetensors.torch.load_file(shard), strict=False)
+        log.info("resumed weights from %s", folder)
 
 
 def _prepare_distributed(config: StageConfig) -> dict:
@@ -154,22 +155,19 @@ def _latest_checkpoint(folder: Path, config: StageConfig, clean: bool) -> str | 
 
 def run_stage(config: StageConfig) -> None:
     """Train one stage and write its outputs (see the module docstring)."""
-    from transformers import AutoTokenizer, TrainingArguments
-
     extra = _prepare_distributed(config)
     torch.manual_seed(config.seed)
     out = Path(config.output_dir)
     checkpoints = out / "checkpoints"
-    store = FeatureStore(config.features_index)
-    dataset = InstructionDataset(config.train_data, None, get_template(config.template), store, config.max_length)
-    if len(dataset) == 0:
+    records = read_json(config.train_data)
+    if not records:
         raise ValueError(f"{config.train_data}: no training records")
-    feature_dim = store.get(dataset.records[0]["video"]).shape[1]
+    store = FeatureStore(config.features_index)
     tokenizer = AutoTokenizer.from_pretrained(read_json(Path(config.init) / META)["llm"] if config.init else config.llm)
-    model, meta = build_model(config, feature_dim)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset.tokenizer = tokenizer
+    dataset = InstructionDataset(records, tokenizer, get_template(config.template), store, config.max_length)
+    model, meta = build_model(config, feature_dim=store.get(records[0]["video"]).shape[1])
 
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -197,9 +195,8 @@ def run_stage(config: StageConfig) -> None:
         **extra,
     )
     resume = _latest_checkpoint(checkpoints, config, clean=args.process_index == 0)
-    trainer = _trainer_class()(model=model, args=args, train_dataset=dataset, data_collator=VideoCollator(
-        tokenizer.pad_token_id), processing_class=tokenizer)
-    trainer.stage_meta = meta
+    trainer = VideoLLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              data_collator=VideoCollator(tokenizer.pad_token_id), stage_meta=meta)
     plugin = trainer.accelerator.state.deepspeed_plugin
     log.info("stage %s: %s, %d process(es) on %s", config.name,
              f"DeepSpeed ZeRO-{plugin.zero_stage} ({config.deepspeed})" if plugin else "no DeepSpeed",
