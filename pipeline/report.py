@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import sys
 from pathlib import Path
 
@@ -56,8 +57,9 @@ def stage_counts(tables: dict[str, list[str]]) -> tuple[pd.DataFrame, pd.DataFra
 
 
 def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, instructions: str | Path,
-                 metrics: str | Path) -> str:
-    """The summary page: videos per data stage, failed videos with reasons, instruction records, metrics."""
+                 metrics: str | Path, predictions: str | Path, sample_count: int = 10) -> str:
+    """The summary page: videos per data stage, failed videos with reasons, instruction records, metrics and the
+    first ``sample_count`` predictions."""
     counts, failures = stage_counts(tables)
     rejected = read_table(manifest_rejected)
     instruction_counts = read_json(instructions)
@@ -67,8 +69,10 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
         for split in ("train", "val")
     ])
     reasons = pd.DataFrame(list(instruction_counts["rejected_by_reason"].items()), columns=["reason", "records"])
-    metric_rows = pd.DataFrame([{"metric": key, "value": round(scores[key], 4)}
-                                for key in ("count", "exact_match", "token_f1")])
+    metric_rows = pd.DataFrame([{"metric": "records", "value": str(scores["count"])}] + [
+        {"metric": key, "value": f"{scores[key]:.4f}"} for key in ("exact_match", "token_f1")])
+    samples = pd.DataFrame([json.loads(line) for line in Path(predictions).read_text(encoding="utf-8").splitlines()
+                            ][:sample_count], columns=["video", "question", "reference", "prediction"])
     sections = [
         ("Videos per data stage", counts),
         ("Manifest rows rejected before download", rejected),
@@ -77,6 +81,7 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
          f"{instruction_counts['rejected']} rejected", records),
         ("Rejected instruction records by reason", reasons),
         (f"Evaluation of {html.escape(str(scores['model']))} (greedy decoding)", metric_rows),
+        (f"The first {len(samples)} predictions", samples),
     ]
     body = "".join(f"<h3>{title}</h3>{frame.to_html(index=False, border=0) if len(frame) else '<p>none</p>'}"
                    for title, frame in sections)
@@ -98,13 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--manifest-rejected", required=True)
     summary.add_argument("--instructions", required=True, help="the instructions stage's counts.json")
     summary.add_argument("--metrics", required=True)
+    summary.add_argument("--predictions", required=True)
     summary.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "loss":
         plot_loss(args.loss, args.out, args.title)
     else:
         tables = {name: paths for name, *paths in args.stage}
-        write_text(args.out, summary_html(tables, args.manifest_rejected, args.instructions, args.metrics))
+        write_text(args.out, summary_html(tables, args.manifest_rejected, args.instructions, args.metrics,
+                                          args.predictions))
     return 0
 
 

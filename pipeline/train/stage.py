@@ -72,7 +72,7 @@ def build_model(config: StageConfig, feature_dim: int) -> tuple[VideoLLM, dict]:
         meta["adapters"] = meta["adapters"] + [str(stage_model_dir(config) / "adapter")]
     elif config.llm_training == "full":
         model.llm.requires_grad_(True)
-        meta["llm"] = str(stage_model_dir(config) / "llm")
+        meta["llm"], meta["adapters"] = str(stage_model_dir(config) / "llm"), []  # saved with earlier adapters merged
     meta.update(stage=config.name, llm_training=config.llm_training, template=config.template)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

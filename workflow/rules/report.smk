@@ -30,6 +30,7 @@ rule summary:
         rejected=f"{RESULTS}/shards",
         instructions=f"{RESULTS}/instructions/counts.json",
         metrics=f"{RESULTS}/eval/metrics.json",
+        predictions=f"{RESULTS}/eval/predictions.jsonl",
     output:
         report(f"{RESULTS}/report/summary.html", caption="../report/summary.rst", category="Data and evaluation"),
     params:
@@ -43,7 +44,8 @@ rule summary:
         "../../envs/train.yaml"
     shell:
         "python -m pipeline.report summary {params.stages} --manifest-rejected {input.rejected}/rejected.tsv"
-        " --instructions {input.instructions} --metrics {input.metrics} --out {output} > {log} 2>&1"
+        " --instructions {input.instructions} --metrics {input.metrics} --predictions {input.predictions}"
+        " --out {output} > {log} 2>&1"
 
 
 rule run_config:
@@ -66,8 +68,8 @@ rule report_graphs:
         config=f"{RESULTS}/report/config.yaml",
         shards=f"{RESULTS}/shards",  # after the checkpoint, so that the DAG shows every shard's jobs
     output:
-        rulegraph=report(f"{RESULTS}/report/rulegraph.svg", caption="../report/rulegraph.rst", category="Workflow"),
-        dag=report(f"{RESULTS}/report/dag.svg", caption="../report/dag.rst", category="Workflow"),
+        rulegraph=report(f"{RESULTS}/report/rulegraph.svg", caption="../report/rulegraph.rst", category="Workflow graphs"),
+        dag=report(f"{RESULTS}/report/dag.svg", caption="../report/dag.rst", category="Workflow graphs"),
     log:
         f"{LOGS}/report_graphs.log",
     benchmark:
