@@ -7,7 +7,6 @@ one long video) share one downloaded file. A missing source, an HTTP error or a 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from pipeline import configure_logging
 from pipeline.io import read_table, sha256_file
-from pipeline.shards import MANIFEST_COLUMNS, STATUS_COLUMNS, ItemError, ShardTask, finish, run_shard
+from pipeline.shards import MANIFEST_COLUMNS, STATUS_COLUMNS, ItemError, ShardTask, finish, run_shard, stage_parser
 
 log = logging.getLogger(__name__)
 
@@ -111,17 +110,12 @@ def download_shard(shard: str | Path, out_dir: str | Path, threads: int, timeout
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.download --shard S --out-dir D --status T``: the download rule."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shard", required=True, help="shard table of the manifest")
-    parser.add_argument("--out-dir", required=True, help="folder for the downloaded files")
-    parser.add_argument("--status", required=True, help="status table to write")
-    parser.add_argument("--threads", type=int, default=1)
+    """``python -m pipeline.download --input SHARD --out-dir D --status T``: the download rule."""
+    parser = stage_parser(__doc__.splitlines()[0], "shard table of the manifest")
     parser.add_argument("--timeout", type=float, default=60, help="seconds per HTTP attempt")
-    parser.add_argument("--retries", type=int, default=3)
-    parser.add_argument("--strict", action="store_true", help="fail the job when any video fails")
+    parser.add_argument("--retries", type=int, default=3, help="HTTP retries with exponential backoff")
     args = parser.parse_args(argv)
-    status = download_shard(args.shard, args.out_dir, args.threads, args.timeout, args.retries)
+    status = download_shard(args.input, args.out_dir, args.threads, args.timeout, args.retries)
     return finish(status, args.status, COLUMNS, args.strict)
 
 

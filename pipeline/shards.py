@@ -224,6 +224,19 @@ def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: i
     return ordered
 
 
+def stage_parser(description: str, input_help: str) -> argparse.ArgumentParser:
+    """The command line every per-shard video stage shares: ``--input`` (its input table), ``--out-dir`` (the
+    shard's folder of per-video files), ``--status`` (the status table to write), ``--threads`` (videos at
+    once) and ``--strict`` (fail the job when any video fails)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--input", required=True, help=input_help)
+    parser.add_argument("--out-dir", required=True, help="folder of the shard's per-video outputs")
+    parser.add_argument("--status", required=True, help="status table to write")
+    parser.add_argument("--threads", type=int, default=1, help="videos processed at once")
+    parser.add_argument("--strict", action="store_true", help="fail the job when any video fails")
+    return parser
+
+
 def finish(status: list[dict], out_table: str | Path, columns: list[str], strict: bool) -> int:
     """Write a stage's status table and return the job's exit code (1 in strict mode when any row failed)."""
     write_table(out_table, status, columns)

@@ -7,15 +7,14 @@ constant one by dropping or repeating frames.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import ffmpeg
 
 from pipeline import configure_logging
-from pipeline.shards import STATUS_COLUMNS, ShardTask, finish, ok_rows, run_shard
-from pipeline.video.ffmpeg import INFO_COLUMNS, h264_output, probe, run
+from pipeline.shards import STATUS_COLUMNS, ShardTask, finish, ok_rows, run_shard, stage_parser
+from pipeline.video.ffmpeg import INFO_COLUMNS, add_h264_arguments, h264_output, probe, run
 
 COLUMNS = STATUS_COLUMNS + INFO_COLUMNS
 
@@ -38,17 +37,10 @@ def compress(row: dict, dest: Path, fps: float, size: int, crf: int, preset: str
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.video.compress --input STATUS --out-dir D --status T``: the compress rule."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="the transcode stage's status table")
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--status", required=True)
-    parser.add_argument("--fps", type=float, default=3.0)
+    parser = stage_parser(__doc__.splitlines()[0], "the transcode stage's status table")
+    parser.add_argument("--fps", type=float, default=3.0, help="frames per second")
     parser.add_argument("--size", type=int, default=224, help="short side in pixels")
-    parser.add_argument("--crf", type=int, default=23)
-    parser.add_argument("--preset", default="veryfast")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per video")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--strict", action="store_true")
+    add_h264_arguments(parser, crf=23)
     args = parser.parse_args(argv)
     settings = {"stage": "compress", "fps": args.fps, "size": args.size, "crf": args.crf, "preset": args.preset}
     task = ShardTask(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from dataclasses import asdict, dataclass
@@ -140,3 +141,10 @@ def h264_output(stream, dest: str | Path, crf: int, preset: str, threads: int, a
         *streams, str(dest), vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset=preset,
         threads=threads, movflags="+faststart", **codec, **options,
     )
+
+
+def add_h264_arguments(parser: argparse.ArgumentParser, crf: int) -> None:
+    """Add ``--crf`` (default ``crf``), ``--preset`` and ``--timeout`` (seconds per video) to a stage's parser."""
+    parser.add_argument("--crf", type=int, default=crf, help="x264 constant rate factor")
+    parser.add_argument("--preset", default="veryfast", help="x264 speed preset")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per video")

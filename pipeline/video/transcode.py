@@ -8,15 +8,14 @@ and by every recipe that cuts long videos into clips.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import ffmpeg
 
 from pipeline import configure_logging
-from pipeline.shards import STATUS_COLUMNS, ItemError, ShardTask, finish, ok_rows, run_shard
-from pipeline.video.ffmpeg import INFO_COLUMNS, h264_output, probe, run
+from pipeline.shards import STATUS_COLUMNS, ItemError, ShardTask, finish, ok_rows, run_shard, stage_parser
+from pipeline.video.ffmpeg import INFO_COLUMNS, add_h264_arguments, h264_output, probe, run
 
 COLUMNS = STATUS_COLUMNS + INFO_COLUMNS
 _COPYABLE_CONTAINERS = {".mp4", ".m4v"}
@@ -50,15 +49,8 @@ def transcode(row: dict, dest: Path, crf: int, preset: str, threads: int, timeou
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m pipeline.video.transcode --input STATUS --out-dir D --status T``: the transcode rule."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", required=True, help="the download stage's status table")
-    parser.add_argument("--out-dir", required=True)
-    parser.add_argument("--status", required=True)
-    parser.add_argument("--crf", type=int, default=18)
-    parser.add_argument("--preset", default="veryfast")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per video")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--strict", action="store_true")
+    parser = stage_parser(__doc__.splitlines()[0], "the download stage's status table")
+    add_h264_arguments(parser, crf=18)
     args = parser.parse_args(argv)
     task = ShardTask(
         ext=".mp4",

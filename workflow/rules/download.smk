@@ -57,5 +57,5 @@ rule download:
     conda:
         "../../envs/video.yaml"
     shell:
-        "python -m pipeline.download --shard {input.shard} --out-dir {output.videos} --status {output.status}"
+        "python -m pipeline.download --input {input.shard} --out-dir {output.videos} --status {output.status}"
         " --threads {threads} --timeout {params.timeout} --retries {params.retries} {params.strict} > {log} 2>&1"
