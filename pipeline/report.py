@@ -1,4 +1,5 @@
-"""Report assets: loss curves per training stage, and a summary page of what every stage kept and rejected.
+"""Report assets: loss curves per training stage, statistics of the raw videos, and a summary page of what every
+stage kept and rejected and why.
 
 ``snakemake --report`` embeds them (see ``workflow/rules/report.smk``) next to the rule graph and the DAG, so a
 run is inspected in one page.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,6 +42,41 @@ def plot_loss(loss_table: str | Path, out: str | Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_video_stats(tables: list[str | Path], out: str | Path) -> None:
+    """Histograms of duration (seconds) and frame rate, the resolutions (width x height, pixels) and the codecs
+    of the videos in the download stage's status tables (the raw dataset), to an SVG file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.concat([read_table(t) for t in tables]) if tables else pd.DataFrame()
+    frame = frame[(frame.get("status") == "ok") & (frame.get("codec", "") != "")] if len(frame) else frame
+    frame = frame.drop_duplicates("path") if len(frame) else frame  # segments of one source count once
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3))
+    if len(frame):
+        numbers = frame[["duration", "fps", "width", "height"]].astype(float)
+        axes[0].hist(numbers["duration"], bins=20, color="tab:blue")
+        axes[1].hist(numbers["fps"], bins=20, color="tab:green")
+        axes[2].scatter(numbers["width"], numbers["height"], s=12, color="tab:purple", alpha=0.6)
+        codecs = frame["codec"].value_counts()
+        axes[3].bar(codecs.index, codecs.values, color="tab:orange")
+    for axis, (title, label) in zip(axes, [("duration", "seconds"), ("frame rate", "frames per second"),
+                                           ("resolution", "width (px)"), ("codec", "")]):
+        axis.set_title(f"{title} ({len(frame)} source files)" if title == "duration" else title)
+        axis.set_xlabel(label)
+    axes[2].set_ylabel("height (px)")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="svg")
+    plt.close(fig)
+
+
+def failure_kind(reason: str) -> str:
+    """A failure reason without its particulars: the text before its first ``:``, numbers as ``N``."""
+    return re.sub(r"\d+", "N", reason.split(":")[0]).strip()
+
+
 def stage_counts(tables: dict[str, list[str]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per data stage, the videos received, kept and failed; and every failed video with its stage and reason.
 
@@ -61,6 +98,8 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
     """The summary page: videos per data stage, failed videos with reasons, instruction records, metrics and the
     first ``sample_count`` predictions."""
     counts, failures = stage_counts(tables)
+    by_reason = (failures.assign(kind=failures["reason"].map(failure_kind)).groupby(["stage", "kind"], sort=False)
+                 .size().reset_index(name="videos") if len(failures) else failures)
     rejected = read_table(manifest_rejected)
     instruction_counts = read_json(instructions)
     scores = read_json(metrics)
@@ -76,6 +115,7 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
     sections = [
         ("Videos per data stage", counts),
         ("Manifest rows rejected before download", rejected),
+        ("Failures by stage and reason", by_reason),
         ("Failed videos and why", failures),
         (f"Instruction records: {instruction_counts['annotations']} annotations, {instruction_counts['kept']} kept, "
          f"{instruction_counts['rejected']} rejected", records),
@@ -97,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     loss.add_argument("--loss", required=True)
     loss.add_argument("--title", required=True)
     loss.add_argument("--out", required=True)
+    stats = commands.add_parser("video-stats", help="plot the raw videos' duration, fps, resolution, codec")
+    stats.add_argument("--out", required=True)
+    stats.add_argument("tables", nargs="*", help="the download stage's status tables")
     summary = commands.add_parser("summary", help="write the summary page")
     summary.add_argument("--stage", action="append", nargs="+", metavar=("NAME", "TABLE"), default=[],
                          help="a data stage's name and its status tables (repeat per stage)")
@@ -108,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "loss":
         plot_loss(args.loss, args.out, args.title)
+    elif args.command == "video-stats":
+        plot_video_stats(args.tables, args.out)
     else:
         tables = {name: paths for name, *paths in args.stage}
         write_text(args.out, summary_html(tables, args.manifest_rejected, args.instructions, args.metrics,

@@ -39,6 +39,10 @@ SHARD_NAME = "shard-{:05d}"
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
+class JobError(Exception):
+    """A failure of the job itself (a missing tool, say): no video of the shard could succeed, so the job fails."""
+
+
 class ItemError(Exception):
     """A failure that belongs to one video (bad file, decode error, checksum mismatch): its row fails, not the job.
 
@@ -145,7 +149,7 @@ class ShardTask:
 
 
 def _failure(row: dict, exc: BaseException) -> dict:
-    if isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS:
+    if isinstance(exc, JobError) or (isinstance(exc, OSError) and exc.errno in _FATAL_ERRNOS):
         raise exc
     if isinstance(exc, ItemError):
         reason = str(exc)
@@ -191,7 +195,7 @@ def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: i
     Per-video outputs are named ``<video_id><ext>``; each row's ``path`` points into ``out_dir`` (into the
     partial folder when ``publish`` is False: the caller packs the results and removes that folder). A row whose
     ``produce`` raises :class:`ItemError` (or any error but a full or read-only disk) becomes a ``failed`` row with
-    the reason; ``OSError`` ENOSPC/EDQUOT/EROFS fail the job.
+    the reason; :class:`JobError` and ``OSError`` ENOSPC/EDQUOT/EROFS fail the job.
 
     Returns:
         Status rows in input order: ``video_id, status, reason, path`` plus the task's fields.

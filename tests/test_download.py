@@ -1,27 +1,69 @@
-import functools
+import re
 import threading
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
-from pipeline.download import download_shard, fetch, source_suffix
-from pipeline.io import sha256_file, write_table
-from pipeline.shards import MANIFEST_COLUMNS, ItemError
+from pipeline.download import download_shard, fetch, source_suffix, youtube_command
+from pipeline.io import read_table, sha256_file, write_table
+from pipeline.shards import MANIFEST_COLUMNS, ItemError, JobError
+
+
+class ClipServer(BaseHTTPRequestHandler):
+    """Serves real clips on 127.0.0.1 with Range support. ``/drop/<name>`` closes the connection halfway through
+    the first response; ``/wrong/<name>`` serves other bytes than the file; ``/flaky/<name>`` answers 503 once."""
+
+    files: dict[str, bytes] = {}
+    seen: list[tuple[str, str]] = []
+    served: set[str] = set()
+
+    def log_message(self, *args):  # keep test output clean
+        pass
+
+    def do_GET(self):
+        self.seen.append((self.path, self.headers.get("Range", "")))
+        mode, _, name = self.path.strip("/").rpartition("/")
+        data = self.files.get(name)
+        if data is None:
+            self.send_error(404)
+            return
+        if mode == "flaky" and self.path not in self.served:
+            self.served.add(self.path)
+            self.send_error(503)
+            return
+        if mode == "wrong":
+            data = bytes(reversed(data))
+        start = 0
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+        if match:
+            start = int(match.group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if mode == "drop" and self.path not in self.served:
+            self.served.add(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.close()
+            return
+        self.wfile.write(body)
 
 
 @pytest.fixture
-def http_root(tmp_path, clips):
-    """A real HTTP server on 127.0.0.1 serving one real clip; stopped after the test."""
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "bikes.mp4").write_bytes(clips["bikes"].read_bytes())
-    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+def server(clips):
+    ClipServer.files = {"bikes.mp4": clips["bikes"].read_bytes(), "again.mp4": clips["bikes"].read_bytes()}
+    ClipServer.seen, ClipServer.served = [], set()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ClipServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
 
 
 def test_fetch_local_path_and_file_url_verify_sha256(tmp_path, clips):
@@ -36,32 +78,70 @@ def test_fetch_local_path_and_file_url_verify_sha256(tmp_path, clips):
         fetch("ftp://host/x.mp4", tmp_path / "e.mp4")
 
 
-def test_fetch_http_and_its_errors(tmp_path, clips, http_root):
+def test_a_dropped_connection_is_resumed_with_range(tmp_path, clips, server):
     digest = sha256_file(clips["bikes"])
-    assert fetch(f"{http_root}/bikes.mp4", tmp_path / "a.mp4", digest, timeout_s=10)["sha256"] == digest
+    fetched = fetch(f"{server}/drop/bikes.mp4", tmp_path / "a.mp4", digest, timeout_s=10, backoff_s=0.01)
+    assert fetched["sha256"] == digest
+    ranges = [r for path, r in ClipServer.seen if path == "/drop/bikes.mp4"]
+    half = len(ClipServer.files["bikes.mp4"]) // 2
+    assert ranges == ["", f"bytes={half}-"]  # the second request asked only for the missing half
+    assert not (tmp_path / "a.mp4.part").exists()
+
+
+def test_a_part_left_by_a_killed_job_is_resumed(tmp_path, clips, server):
+    data = ClipServer.files["bikes.mp4"]
+    (tmp_path / "a.mp4.part").write_bytes(data[:1000])
+    fetch(f"{server}/plain/bikes.mp4", tmp_path / "a.mp4", sha256_file(clips["bikes"]), timeout_s=10)
+    assert ClipServer.seen == [("/plain/bikes.mp4", "bytes=1000-")]
+    assert (tmp_path / "a.mp4").read_bytes() == data
+
+
+def test_http_errors(tmp_path, server):
     with pytest.raises(ItemError, match="HTTP 404"):
-        fetch(f"{http_root}/missing.mp4", tmp_path / "b.mp4", timeout_s=10, retries=0)
+        fetch(f"{server}/plain/missing.mp4", tmp_path / "a.mp4", timeout_s=10)
+    fetch(f"{server}/flaky/bikes.mp4", tmp_path / "b.mp4", timeout_s=10, backoff_s=0.01)  # 503, then served
+    with pytest.raises(ItemError, match="download failed after 1 attempts: HTTP 503"):
+        fetch(f"{server}/flaky/again.mp4", tmp_path / "c.mp4", timeout_s=10, retries=0)
+    with pytest.raises(ItemError, match="download failed after 2 attempts: URLError"):
+        fetch("http://127.0.0.1:9/x.mp4", tmp_path / "d.mp4", timeout_s=2, retries=1, backoff_s=0.01)
 
 
 def test_source_suffix():
     assert source_suffix("https://host/a/b.WEBM?x=1") == ".webm"
     assert source_suffix("file:///data/clip.mp4") == ".mp4"
     assert source_suffix("/data/noext") == ".video"
+    assert source_suffix("youtube:abc") == ".mp4"
 
 
-def test_download_shard_fetches_a_shared_source_once_and_isolates_failures(tmp_path, clips, http_root):
+def test_youtube_command_and_missing_tool(tmp_path, monkeypatch):
+    command = youtube_command("-0DHSxvcmtE", Path("out.mp4"))
+    assert command[0] == "yt-dlp" and command[-1] == "https://www.youtube.com/watch?v=-0DHSxvcmtE"
+    assert command[command.index("-o") + 1] == "out.mp4" and "--merge-output-format" in command
+    monkeypatch.setenv("PATH", str(tmp_path))  # no yt-dlp anywhere: the job, not one video, cannot work
+    with pytest.raises(JobError, match="pip install yt-dlp"):
+        fetch("youtube:-0DHSxvcmtE", tmp_path / "a.mp4")
+
+
+def test_download_shard_shares_sources_probes_files_and_isolates_failures(tmp_path, clips, server):
     digest = sha256_file(clips["webm"])
     shard = tmp_path / "shard.tsv"
     write_table(shard, [
         {"video_id": "seg_0", "source": clips["webm"].as_uri(), "sha256": digest, "start": 0, "end": 5},
         {"video_id": "seg_1", "source": clips["webm"].as_uri(), "sha256": digest, "start": 5, "end": 10},
-        {"video_id": "remote", "source": f"{http_root}/bikes.mp4"},
-        {"video_id": "wrong", "source": str(clips["bikes"]), "sha256": "1" * 64},
+        {"video_id": "remote", "source": f"{server}/drop/bikes.mp4"},
+        {"video_id": "wrong", "source": f"{server}/wrong/bikes.mp4", "sha256": sha256_file(clips["bikes"])},
+        {"video_id": "text", "source": str(clips["text"])},
     ], MANIFEST_COLUMNS)
-    status = {r["video_id"]: r for r in download_shard(shard, tmp_path / "raw", threads=2, timeout_s=10, retries=0)}
+    status = {r["video_id"]: r for r in download_shard(shard, tmp_path / "raw", threads=2, timeout_s=10, retries=1,
+                                                        backoff_s=0.01)}
     assert status["seg_0"]["path"] == status["seg_1"]["path"] == str(tmp_path / "raw" / "seg_0.webm")
     assert (status["seg_1"]["start"], status["seg_1"]["end"]) == ("5", "10")
-    assert status["remote"]["status"] == "ok"
+    assert (status["seg_0"]["codec"], status["seg_0"]["width"]) == ("vp9", 176)
+    assert status["remote"]["status"] == "ok" and status["remote"]["codec"] == "h264"
     assert status["wrong"]["status"] == "failed" and status["wrong"]["reason"].startswith("checksum mismatch")
-    assert sorted(p.name for p in (tmp_path / "raw").glob("*.*") if not p.name.startswith(".")) == [
-        "remote.mp4", "seg_0.webm"]
+    assert status["text"]["status"] == "ok" and "codec" not in status["text"]  # transcode says why it fails
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [
+        ".settings.json", "remote.mp4", "seg_0.webm", "text.txt"]
+    table = tmp_path / "status.tsv"
+    write_table(table, list(status.values()), None)
+    assert set(read_table(table)["status"]) == {"ok", "failed"}

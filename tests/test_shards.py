@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from pipeline.io import read_table, write_table
-from pipeline.shards import MANIFEST_COLUMNS, ItemError, ShardTask, run_shard, split_manifest
+from pipeline.shards import MANIFEST_COLUMNS, ItemError, ShardTask, finish, run_shard, split_manifest
 
 
 def _manifest(tmp_path, rows):
@@ -135,3 +135,11 @@ def test_partial_output_made_from_other_input_files_is_discarded(tmp_path):
     calls.clear()
     run_shard(rows, _task(calls), tmp_path / "out")
     assert calls == ["a"]
+
+
+def test_strict_mode_fails_the_job_after_writing_the_table(tmp_path):
+    status = [{"video_id": "a", "status": "ok", "reason": "", "path": "a.mp4"},
+              {"video_id": "b", "status": "failed", "reason": "broken", "path": ""}]
+    assert finish(status, tmp_path / "lenient.tsv", ["video_id", "status", "reason", "path"], strict=False) == 0
+    assert finish(status, tmp_path / "strict.tsv", ["video_id", "status", "reason", "path"], strict=True) == 1
+    assert list(read_table(tmp_path / "strict.tsv")["reason"]) == ["", "broken"]

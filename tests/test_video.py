@@ -1,43 +1,81 @@
+import os
 import subprocess
 
 import numpy as np
 import pytest
 
+from pipeline.manifest import package_file
 from pipeline.shards import ItemError
-from pipeline.video.compress import compress
-from pipeline.video.ffmpeg import probe
+from pipeline.video.ffmpeg import Encoding, display_rotation, encode, probe
 from pipeline.video.frames import read_frames, sample_indices
-from pipeline.video.transcode import transcode
+
+TRANSCODE = Encoding(crf=23, preset="ultrafast", audio=True)
+COMPRESS = Encoding(crf=23, preset="ultrafast", fps=3, size=224, audio=False)
+FORMATS = ["webm", "mkv", "avi", "mov", "mpg", "mpeg", "ogv", "flv", "wmv", "asf", "3gp", "m4v", "f4v", "vob", "rm",
+           "gif"]  # and m1v: a raw MPEG-1 stream has no reliable duration to cut by, see below
 
 
-def test_transcode_cuts_a_webm_segment_to_h264_mp4_with_audio(tmp_path, clips):
+def _ffmpeg(*args):
+    subprocess.run(["ffmpeg", "-v", "error", "-y", *args], check=True)
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_every_container_and_codec_ffmpeg_reads_becomes_h264_mp4(tmp_path, ext):
+    source = package_file("iscc_samples", f"files/video/demo.{ext}")
     out = tmp_path / "seg.mp4"
-    fields = transcode({"path": str(clips["webm"]), "start": "10", "end": "15"}, out, 23, "ultrafast", 1, 60)
+    fields = encode({"path": str(source), "start": "2", "end": "4"}, out, TRANSCODE)
     info = probe(out)
-    assert (info.codec, info.pix_fmt, info.has_audio) == ("h264", "yuv420p", True)
-    assert info.duration == pytest.approx(5.0, abs=0.1)
-    assert fields["duration"] == pytest.approx(5.0, abs=0.1) and fields["width"] == 176
+    assert (info.codec, info.pix_fmt) == ("h264", "yuv420p")
+    assert fields["duration"] == pytest.approx(2.0, abs=0.15)
 
 
-def test_transcode_stream_copies_an_h264_mp4_without_cut(tmp_path, clips):
-    out = tmp_path / "copy.mp4"
-    transcode({"path": str(clips["bikes"]), "start": "", "end": ""}, out, 23, "ultrafast", 1, 60)
-    source, copied = probe(clips["bikes"]), probe(out)
+@pytest.mark.parametrize("codec, encoder", [("vp8", "libvpx"), ("av1", "libsvtav1")])
+def test_webm_with_vp8_and_av1(tmp_path, codec, encoder):
+    encoders = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+    if f" {encoder} " not in encoders:
+        pytest.skip(f"this ffmpeg cannot encode {codec} ({encoder}) to make the test file")
+    source = tmp_path / f"{codec}.webm"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=10:duration=1", "-pix_fmt", "yuv420p", "-c:v", encoder,
+            str(source))
+    assert probe(source).codec == codec
+    assert encode({"path": str(source)}, tmp_path / "out.mp4", TRANSCODE)["frames"] == 10
+
+
+def test_a_raw_mpeg1_stream_converts_whole(tmp_path):
+    source = package_file("iscc_samples", "files/video/demo.m1v")
+    assert encode({"path": str(source)}, tmp_path / "out.mp4", TRANSCODE)["frames"] > 1000
+
+
+def test_transcode_keeps_audio_and_stream_copies_an_uncut_h264_mp4(tmp_path, clips):
+    cut = tmp_path / "cut.mp4"
+    encode({"path": str(clips["webm"]), "start": "10", "end": "15"}, cut, TRANSCODE)
+    assert probe(cut).has_audio and probe(cut).duration == pytest.approx(5.0, abs=0.1)
+    copy = tmp_path / "copy.mp4"
+    encode({"path": str(clips["bikes"])}, copy, TRANSCODE)
+    source, copied = probe(clips["bikes"]), probe(copy)
     assert (copied.frames, copied.width, copied.height) == (source.frames, source.width, source.height)
 
 
-def test_transcode_rejects_a_start_past_the_end(tmp_path, clips):
-    with pytest.raises(ItemError, match="lies past the end"):
-        transcode({"path": str(clips["carphone"]), "start": "30", "end": ""}, tmp_path / "x.mp4", 23, "ultrafast", 1,
-                  60)
+def test_rotation_is_applied(tmp_path):
+    plain, rotated = tmp_path / "plain.mp4", tmp_path / "rotated.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=320x180:rate=10:duration=2", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+            str(plain))
+    _ffmpeg("-i", str(plain), "-c", "copy", "-metadata:s:v", "rotate=90", str(rotated))
+    assert display_rotation(rotated) == 90 and display_rotation(plain) == 0
+    out = tmp_path / "out.mp4"
+    encode({"path": str(rotated)}, out, TRANSCODE)  # not stream-copied: decoders that ignore rotation read it upright
+    info = probe(out)
+    assert (info.width, info.height, display_rotation(out)) == (180, 320, 0)
+    encode({"path": str(rotated)}, out, COMPRESS)
+    assert (probe(out).width, probe(out).height) == (224, 398)
 
 
 def test_odd_dimensions_become_even(tmp_path):
     odd = tmp_path / "odd.mkv"
-    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc=size=175x143:rate=10:duration=1",
-                    "-pix_fmt", "yuv444p", "-c:v", "libx264", str(odd)], check=True)
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=175x143:rate=10:duration=1", "-pix_fmt", "yuv444p", "-c:v", "libx264",
+            str(odd))
     out = tmp_path / "even.mp4"
-    transcode({"path": str(odd), "start": "", "end": ""}, out, 23, "ultrafast", 1, 60)
+    encode({"path": str(odd)}, out, TRANSCODE)
     info = probe(out)
     assert (info.width, info.height, info.pix_fmt) == (174, 142, "yuv420p")
 
@@ -45,26 +83,98 @@ def test_odd_dimensions_become_even(tmp_path):
 @pytest.mark.parametrize("source, size", [("bikes", (528, 224)), ("carphone", (274, 224))])
 def test_compress_to_3_fps_short_side_224_without_audio(tmp_path, clips, source, size):
     out = tmp_path / "small.mp4"
-    compress({"path": str(clips[source])}, out, fps=3, size=224, crf=23, preset="ultrafast", threads=1, timeout_s=60)
+    encode({"path": str(clips[source])}, out, COMPRESS)
     info = probe(out)
     assert (info.width, info.height) == size
     assert info.fps == pytest.approx(3.0)
     assert not info.has_audio
 
 
-def test_non_videos_fail_with_the_tools_reason(tmp_path, clips):
-    fake = tmp_path / "fake.mp4"
-    fake.write_bytes(clips["text"].read_bytes())
-    with pytest.raises(ItemError, match="ffprobe: .*moov atom not found"):
-        probe(fake)
-    with pytest.raises(ItemError, match="not a video: ffprobe reads it as 'tty'"):
+def test_single_pass_cuts_and_compresses_the_raw_file(tmp_path, clips):
+    out = tmp_path / "small.mp4"
+    fields = encode({"path": str(clips["webm"]), "start": "20", "end": "25"}, out, COMPRESS)
+    assert (fields["width"], fields["height"], fields["frames"]) == (274, 224, 15)
+    assert fields["duration"] == pytest.approx(5.0, abs=0.1)
+
+
+def test_variable_frame_rate_becomes_constant(tmp_path):
+    vfr = tmp_path / "vfr.mkv"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=160x120:rate=30:duration=2", "-vf",
+            "setpts='if(lt(N,30),N/30,1+(N-30)/7.5)/TB'", "-fps_mode", "vfr", "-c:v", "libx264", str(vfr))
+    out = tmp_path / "cfr.mp4"
+    fields = encode({"path": str(vfr)}, out, COMPRESS)
+    assert probe(out).fps == pytest.approx(3.0)
+    assert fields["frames"] == pytest.approx(fields["duration"] * 3, abs=1)
+
+
+def test_a_one_frame_video_keeps_its_frame(tmp_path):
+    one = tmp_path / "one.mp4"
+    _ffmpeg("-f", "lavfi", "-i", "testsrc=size=320x180:rate=25:duration=0.04", "-pix_fmt", "yuv420p", "-c:v",
+            "libx264", str(one))
+    out = tmp_path / "out.mp4"
+    assert encode({"path": str(one)}, out, COMPRESS)["frames"] == 1
+
+
+def test_start_past_the_end_is_refused(tmp_path, clips):
+    with pytest.raises(ItemError, match="lies past the end"):
+        encode({"path": str(clips["carphone"]), "start": "30"}, tmp_path / "x.mp4", TRANSCODE)
+
+
+def _bad(tmp_path, clips, kind):
+    path = tmp_path / f"{kind}.bad"
+    webm, bikes = clips["webm"].read_bytes(), clips["bikes"].read_bytes()
+    if kind == "zero_bytes":
+        path = path.with_suffix(".mp4")
+        path.write_bytes(b"")
+    elif kind == "text_as_mp4":
+        path = path.with_suffix(".mp4")
+        path.write_bytes(clips["text"].read_bytes())
+    elif kind == "truncated":
+        path = path.with_suffix(".webm")
+        path.write_bytes(webm[: len(webm) // 2])
+    elif kind == "corrupt_middle":
+        path = path.with_suffix(".mp4")
+        data = bytearray(bikes)
+        data[len(data) // 2: len(data) // 2 + 30000] = np.random.default_rng(0).bytes(30000)
+        path.write_bytes(bytes(data))
+    elif kind == "audio_only":
+        path = package_file("iscc_samples", "files/audio/demo.mp3")
+    return path
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("zero_bytes", r"libav: Invalid data found"),
+    ("text_as_mp4", r"libav: Invalid data found when processing input .*moov atom not found"),
+    ("truncated", r"ffmpeg reported 1 error\(s\): .*File ended prematurely"),
+    ("corrupt_middle", r"ffmpeg reported \d+ error\(s\): .*Invalid NAL unit size"),
+    ("audio_only", r"no video stream \(streams: audio\)"),
+])
+def test_bad_files_fail_with_what_the_tool_said(tmp_path, clips, kind, reason):
+    with pytest.raises(ItemError, match=reason):
+        encode({"path": str(_bad(tmp_path, clips, kind))}, tmp_path / "out.mp4", TRANSCODE)
+
+
+def test_decode_errors_can_be_tolerated(tmp_path, clips):
+    corrupt = _bad(tmp_path, clips, "corrupt_middle")
+    tolerant = Encoding(preset="ultrafast", max_decode_errors=1000)
+    assert encode({"path": str(corrupt)}, tmp_path / "out.mp4", tolerant)["frames"] > 0
+    truncated = _bad(tmp_path, clips, "truncated")  # tolerated errors, but half the promised duration is missing
+    with pytest.raises(ItemError, match=r"truncated: 30\.\d+ s decoded of the 60\.15 s the input promises"):
+        encode({"path": str(truncated)}, tmp_path / "out.mp4", tolerant)
+
+
+def test_theora_decoder_noise_is_not_an_error(tmp_path):
+    ogv = package_file("iscc_samples", "files/video/demo.ogv")
+    assert encode({"path": str(ogv)}, tmp_path / "out.mp4", COMPRESS)["frames"] > 100
+
+
+def test_probe_refuses_what_is_not_a_video(tmp_path, clips):
+    with pytest.raises(ItemError, match="not a video: libav reads it as 'tty'"):
         probe(clips["text"])
+    with pytest.raises(ItemError, match="not a video: libav reads it as 'image2'"):
+        probe(package_file("iscc_samples", "files/image/demo.jpg"))
     with pytest.raises(ItemError, match="missing file"):
         probe(tmp_path / "absent.mp4")
-    empty = tmp_path / "empty.mp4"
-    empty.write_bytes(b"")
-    with pytest.raises(ItemError, match="ffprobe"):
-        probe(empty)
 
 
 def test_sample_indices_are_segment_midpoints():
@@ -84,5 +194,14 @@ def test_read_frames_decodes_only_the_sampled_frames(short_clip):
 def test_read_frames_of_a_broken_file_is_an_item_error(tmp_path, clips):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(clips["bikes"].read_bytes()[:5000])
-    with pytest.raises(ItemError):
+    with pytest.raises(ItemError, match="decode error"):
         read_frames(broken, 4)
+
+
+def test_encode_writes_nothing_under_the_final_name_on_failure(tmp_path, clips):
+    from pipeline.io import atomic_path
+
+    final = tmp_path / "final.mp4"
+    with pytest.raises(ItemError), atomic_path(final) as tmp:
+        encode({"path": str(_bad(tmp_path, clips, "truncated"))}, tmp, TRANSCODE)
+    assert not final.exists() and os.listdir(tmp_path) == ["truncated.webm"]

@@ -72,7 +72,7 @@ def test_every_stage_writes_its_outputs(run):
     results = run / "results"
     for path in ("train/stage1/model/mm_projector.safetensors", "train/stage2/model/adapter/adapter_config.json",
                  "eval/predictions.jsonl", "report/summary.html", "report/loss_stage1.svg", "report/loss_stage2.svg",
-                 "report/rulegraph.svg", "report/dag.svg", "features/index.tsv"):
+                 "report/rulegraph.svg", "report/dag.svg", "report/video_stats.svg", "features/index.tsv"):
         assert (results / path).is_file(), path
     assert read_json(results / "eval" / "metrics.json")["count"] == 3
     assert sorted(read_table(results / "features" / "index.tsv")["video_id"]) == ["band", "carphone"]
@@ -87,6 +87,7 @@ def test_a_text_file_named_mp4_costs_only_its_own_row(run):
     assert (counts["kept"], counts["rejected_by_reason"]) == (6, {"no features": 1})
     summary = (run / "results" / "report" / "summary.html").read_text()
     assert "fake" in summary and "moov atom not found" in summary
+    assert "<td>transcode</td>\n      <td>libav</td>\n      <td>1</td>" in summary  # failures by reason
 
 
 def test_a_complete_run_has_nothing_left_to_do(run):
@@ -122,3 +123,16 @@ def test_a_wrong_config_key_or_type_stops_before_any_job(repo_copy, change, name
     assert done.returncode != 0
     assert named in done.stdout + done.stderr and "validating config" in done.stdout + done.stderr
     assert not (repo_copy / "results").exists()
+
+
+def test_single_pass_compresses_the_downloads_without_transcoding(run):
+    config = yaml.safe_load((run / "config" / "config.yaml").read_text())
+    config["compress"] = {"single_pass": True}
+    (run / "single.yaml").write_text(yaml.safe_dump(config))
+    snakemake(run, "--configfile", "single.yaml", "--directory", str(run), "--forcerun", "compress",
+              "results/features/index.tsv")
+    status = read_table(run / "results" / "compress" / "shard-00000.tsv")
+    assert list(status["video_id"]) == ["band", "carphone"]
+    assert [float(d) for d in status["duration"]] == pytest.approx([5.0, 4.33], abs=0.01)  # cut here, at 3 fps
+    fake = read_table(run / "results" / "compress" / "shard-00001.tsv")
+    assert "moov atom not found" in fake["reason"][0]

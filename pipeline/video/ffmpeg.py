@@ -1,35 +1,48 @@
-"""ffprobe and ffmpeg through ffmpeg-python, with timeouts and errors that name what the tool said."""
+"""Probing (PyAV) and the one H.264 encode (ffmpeg through ffmpeg-python) every video stage runs.
+
+Every failure names what the tool said. A video that ffmpeg "converts" but only partly (a truncated file, a stream
+corrupt in the middle, no decodable frame) is an :class:`ItemError` too, never a silently shorter clip.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import subprocess
 from dataclasses import asdict, dataclass
-from fractions import Fraction
 from pathlib import Path
 
+import av
 import ffmpeg
 
-from pipeline.shards import ItemError
+from pipeline.shards import STATUS_COLUMNS, ItemError, JobError, ShardTask, finish, ok_rows, run_shard
 
 INFO_COLUMNS = ["duration", "fps", "width", "height", "codec", "frames"]
+COLUMNS = STATUS_COLUMNS + INFO_COLUMNS
 # Demuxers that turn non-video files into a "video stream": tty renders any text file as ANSI art, image2 and the
 # *_pipe demuxers read still images.
 _NOT_VIDEO_CONTAINERS = {"tty", "image2"}
+# An output shorter than this share of what the input promised (minus half a second) is a truncated input.
+TRUNCATION_RATIO = 0.9
+_COPYABLE_CONTAINERS = {".mp4", ".m4v"}
+
+
+av.logging.set_level(av.logging.ERROR)  # libav's own message (e.g. "moov atom not found") joins its exceptions
 
 
 @dataclass
 class VideoInfo:
-    """What ffprobe says of a file's first video stream.
+    """What libav says of a file's first video stream.
 
     Attributes:
         duration: seconds (container duration, else the stream's).
         fps: average frames per second.
-        width, height: pixels.
+        width, height: pixels, as stored (before any display rotation, see :func:`display_rotation`).
         codec: the stream's codec name (``h264``, ``vp9``, ...).
         frames: frame count from the stream header (0 when the container does not say).
         has_audio: whether the file has an audio stream.
+        audio_codec: the first audio stream's codec name (``""`` without audio).
+        video_index, audio_index: the streams' indices in the file (-1: no audio stream).
         pix_fmt: the stream's pixel format (``yuv420p``, ...).
     """
 
@@ -40,6 +53,9 @@ class VideoInfo:
     codec: str
     frames: int
     has_audio: bool
+    audio_codec: str
+    video_index: int
+    audio_index: int
     pix_fmt: str
 
     def fields(self) -> dict:
@@ -56,95 +72,226 @@ def _tool_message(stderr: bytes | str | None, limit: int = 300) -> str:
     return " | ".join(lines[-3:])[-limit:] or "no message"
 
 
-def probe(path: str | Path, timeout_s: float = 60) -> VideoInfo:
-    """Probe ``path`` with ffprobe.
+def display_rotation(path: str | Path) -> int:
+    """Display rotation in degrees (0, 90, 180, 270) of a video's first frame, from its display matrix (phones
+    record upright video as rotated frames plus this matrix; decoders that ignore it, decord among them, read such
+    frames sideways). A frame that does not decode counts as unrotated.
 
     Raises:
-        ItemError: the file is missing, ffprobe cannot read it (``ffprobe: <its message>``), it is text or a still
-            image that ffmpeg would render as video, it has no video stream, or no positive duration.
+        ItemError: libav cannot open the file.
+    """
+    try:
+        with av.open(str(path), metadata_errors="ignore") as container:
+            frame = next(container.decode(video=0), None)
+    except av.FFmpegError as exc:
+        raise ItemError(f"libav: {exc.strerror}") from None
+    except (StopIteration, ValueError):
+        return 0
+    return int(round(frame.rotation)) % 360 if frame is not None else 0
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Probe ``path`` in-process with PyAV (libav): a few milliseconds, where an ffprobe process takes ~80.
+
+    Raises:
+        ItemError: the file is missing, libav cannot open it (``libav: <its message>``, e.g. ``moov atom not
+            found``), it is text or a still image that ffmpeg would render as video, it has no video stream, or no
+            positive duration.
     """
     if not Path(path).is_file():
         raise ItemError(f"missing file: {path}")
-    # ffmpeg.probe has no timeout, and a hung probe would stall the whole shard: run ffprobe directly.
-    command = ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", str(path)]
     try:
-        done = subprocess.run(command, capture_output=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise ItemError(f"ffprobe: no answer within {timeout_s} s") from None
-    if done.returncode != 0:
-        raise ItemError(f"ffprobe: {_tool_message(done.stderr)}")
-    meta = json.loads(done.stdout)
-    container = meta.get("format", {}).get("format_name", "")
-    if container in _NOT_VIDEO_CONTAINERS or container.endswith("_pipe"):
-        raise ItemError(f"not a video: ffprobe reads it as '{container}' (text or a still image)")
-    streams = meta.get("streams", [])
-    video = next(
-        (s for s in streams if s.get("codec_type") == "video" and not s.get("disposition", {}).get("attached_pic")),
-        None,
-    )  # cover art of an audio file is a one-picture "video" stream: not a video
-    if video is None:
-        kinds = sorted({s.get("codec_type", "?") for s in streams}) or ["none"]
-        raise ItemError(f"no video stream (streams: {', '.join(kinds)})")
-    duration = float(meta.get("format", {}).get("duration") or video.get("duration") or 0)
-    rate = video.get("avg_frame_rate") or video.get("r_frame_rate") or "0/1"
-    fps = float(Fraction(rate)) if rate not in ("0/0", "") else 0.0
-    if duration <= 0:
-        raise ItemError(f"no positive duration (ffprobe says {duration})")
-    return VideoInfo(
-        duration=duration,
-        fps=fps,
-        width=int(video.get("width", 0)),
-        height=int(video.get("height", 0)),
-        codec=video.get("codec_name", ""),
-        frames=int(video.get("nb_frames") or 0),
-        has_audio=any(s.get("codec_type") == "audio" for s in streams),
-        pix_fmt=video.get("pix_fmt", ""),
-    )
+        container = av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as exc:
+        detail = f" ({exc.log[1]}: {exc.log[2].strip()})" if getattr(exc, "log", None) else ""
+        raise ItemError(f"libav: {exc.strerror}{detail}"[:300]) from None
+    with container:
+        name = container.format.name
+        if name in _NOT_VIDEO_CONTAINERS or name.endswith("_pipe"):
+            raise ItemError(f"not a video: libav reads it as '{name}' (text or a still image)")
+        # cover art of an audio file is a one-picture "video" stream: not a video
+        videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
+        if not videos:
+            kinds = sorted({"cover art" if s.type == "video" else s.type for s in container.streams}) or ["none"]
+            raise ItemError(f"no video stream (streams: {', '.join(kinds)})")
+        video = videos[0]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        if container.duration:
+            duration = container.duration / av.time_base
+        else:
+            duration = float(video.duration * video.time_base) if video.duration and video.time_base else 0.0
+        if duration <= 0:
+            raise ItemError(f"no positive duration (libav says {duration})")
+        return VideoInfo(
+            duration=duration,
+            fps=float(video.average_rate or video.guessed_rate or 0),
+            width=video.codec_context.width,
+            height=video.codec_context.height,
+            codec=video.codec_context.codec.canonical_name,
+            frames=video.frames,
+            has_audio=audio is not None,
+            audio_codec=audio.codec_context.codec.canonical_name if audio else "",
+            video_index=video.index,
+            audio_index=audio.index if audio else -1,
+            pix_fmt=video.codec_context.pix_fmt or "",
+        )
 
 
-def run(stream: ffmpeg.nodes.OutputStream, timeout_s: float) -> None:
-    """Run an ffmpeg-python output stream, overwriting its output.
+def run(stream: ffmpeg.nodes.OutputStream, timeout_s: float) -> tuple[int, str]:
+    """Run an ffmpeg-python output stream (overwriting its output) at log level ``error``.
+
+    Returns:
+        ffmpeg's exit code and its log.
 
     Raises:
-        ItemError: ffmpeg exits non-zero (``ffmpeg: <last lines of its log>``) or runs past ``timeout_s`` seconds
-            (it is killed).
+        ItemError: ffmpeg runs past ``timeout_s`` seconds (it is killed).
+        JobError: ffmpeg is not installed.
     """
-    process = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").run_async(
-        pipe_stdout=True, pipe_stderr=True, overwrite_output=True
-    )
+    try:
+        process = stream.global_args("-nostdin", "-hide_banner", "-loglevel", "error").run_async(
+            pipe_stdout=True, pipe_stderr=True, overwrite_output=True
+        )
+    except FileNotFoundError:
+        raise JobError("ffmpeg is not installed (apt-get install ffmpeg)") from None
     try:
         _, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         process.kill()
         process.communicate()
         raise ItemError(f"ffmpeg: killed after {timeout_s} s") from None
-    if process.returncode != 0:
-        raise ItemError(f"ffmpeg: {_tool_message(stderr)}")
+    return process.returncode, stderr.decode("utf-8", "replace")
 
 
-def h264_output(stream, dest: str | Path, crf: int, preset: str, threads: int, audio: bool, **options):
-    """An ffmpeg-python output node writing H.264 (yuv420p, even dimensions) mp4 with ``+faststart``.
+def decode_errors(log: str, info: VideoInfo) -> list[str]:
+    """The lines of an ffmpeg log that report a problem with the input's video.
 
-    Args:
-        stream: the input node (``ffmpeg.input(...)``), or a filtered video stream when ``audio`` is False.
-        crf: x264 constant rate factor (lower is better quality; 18-23 is visually lossless to good).
-        preset: x264 speed preset (``veryfast``, ``medium``, ...).
-        threads: ffmpeg threads for this one process.
-        audio: keep the first audio stream as AAC 128 kbit/s (``stream`` must then be an input node).
-        options: further ffmpeg output options (``t=5``, ...).
+    Not counted: "Last message repeated" lines, the audio decoder's messages (an audio decoder complains about the
+    first packet after a seek into MPEG-PS; the video is what this pipeline keeps), and the theora decoder's: ffmpeg
+    5.1 reports errors on valid theora streams (iscc-samples' demo.ogv prints about 2,000 and decodes to all of its
+    frames), so theora inputs are judged by their output (frames and duration) alone.
     """
-    video = stream.video if audio else stream
-    video = video.filter("scale", "trunc(iw/2)*2", "trunc(ih/2)*2")
-    streams = [video, stream["a:0?"]] if audio else [video]
-    codec = {"acodec": "aac", "audio_bitrate": "128k"} if audio else {"an": None}
-    return ffmpeg.output(
-        *streams, str(dest), vcodec="libx264", pix_fmt="yuv420p", crf=crf, preset=preset,
-        threads=threads, movflags="+faststart", **codec, **options,
-    )
+    ignored_decoders = {info.audio_codec} | ({"theora"} if info.codec == "theora" else set())
+    ignored_streams = {info.audio_index} | ({info.video_index} if info.codec == "theora" else set())
+    errors = []
+    for line in log.splitlines():
+        text = line.strip()
+        if not text or text.startswith("Last message repeated"):
+            continue
+        component = re.match(r"\[(\w+) @ ", text)
+        if component and component.group(1) in ignored_decoders:
+            continue
+        stream = re.match(r"Error while decoding stream #\d+:(\d+)", text)
+        if stream and int(stream.group(1)) in ignored_streams:
+            continue
+        errors.append(text)
+    return errors
 
 
-def add_h264_arguments(parser: argparse.ArgumentParser, crf: int) -> None:
-    """Add ``--crf`` (default ``crf``), ``--preset`` and ``--timeout`` (seconds per video) to a stage's parser."""
+@dataclass(frozen=True)
+class Encoding:
+    """How a video stage encodes: x264 settings, limits, and (for compression) frame rate and size.
+
+    Attributes:
+        crf: x264 constant rate factor (lower is better; 18-23 is visually lossless to good).
+        preset: x264 speed preset (``veryfast``, ``medium``, ...).
+        timeout_s: seconds one video may take.
+        max_decode_errors: input problems ffmpeg may report (:func:`decode_errors`) before the video counts as
+            corrupt; 0 fails on the first.
+        fps: output frames per second (constant; frames dropped or repeated), or None to keep the input's timing.
+        size: output short side in pixels (aspect kept, even dimensions), or None to keep the input's size.
+        audio: keep the first audio stream as AAC 128 kbit/s.
+        threads: ffmpeg threads of one process.
+    """
+
+    crf: int = 18
+    preset: str = "veryfast"
+    timeout_s: float = 600
+    max_decode_errors: int = 0
+    fps: float | None = None
+    size: int | None = None
+    audio: bool = True
+    threads: int = 1
+
+
+def encode(row: dict, dest: str | Path, encoding: Encoding) -> dict:
+    """Encode ``row["path"]`` (cut to ``row["start"]``..``row["end"]`` seconds when the row has them) to an H.264
+    mp4 at ``dest`` (yuv420p, even dimensions, ``+faststart``, rotation applied).
+
+    An H.264 yuv420p mp4 without rotation that needs no cut, resampling or resizing is stream-copied (lossless).
+
+    Returns:
+        The output's status fields (``INFO_COLUMNS``).
+
+    Raises:
+        ItemError: the input cannot be read, ``start`` lies past its end, ffmpeg reports more than
+            ``max_decode_errors`` problems with the input (a stream corrupt in the middle) or fails, the output has
+            no frame, or it is shorter than the input promised (a truncated input).
+    """
+    source = Path(row["path"])
+    info = probe(source)
+    start = float(row["start"]) if row.get("start") not in (None, "") else 0.0
+    end = float(row["end"]) if row.get("end") not in (None, "") else None
+    if start >= info.duration:
+        raise ItemError(f"start {start} s lies past the end of the video ({info.duration:.3f} s)")
+    cut = start > 0 or (end is not None and end < info.duration)
+    expected = min(end if end is not None else info.duration, info.duration) - start
+    plain = encoding.fps is None and encoding.size is None and not cut
+    copyable = source.suffix.lower() in _COPYABLE_CONTAINERS and (info.codec, info.pix_fmt) == ("h264", "yuv420p")
+    if plain and copyable and display_rotation(source) == 0:
+        output = ffmpeg.output(ffmpeg.input(str(source)), str(dest), c="copy", map="0", movflags="+faststart")
+    else:
+        source_node = ffmpeg.input(str(source), ss=start) if start else ffmpeg.input(str(source))
+        video = source_node.video
+        if encoding.fps is not None:
+            video = video.filter("fps", fps=encoding.fps, eof_action="pass")  # a one-frame clip keeps its frame
+        if encoding.size is not None:
+            size = encoding.size
+            video = video.filter("scale", f"if(lt(iw,ih),{size},-2)", f"if(lt(iw,ih),-2,{size})")
+        video = video.filter("scale", "trunc(iw/2)*2", "trunc(ih/2)*2")
+        streams = [video, source_node["a:0?"]] if encoding.audio else [video]
+        audio = {"acodec": "aac", "audio_bitrate": "128k"} if encoding.audio else {"an": None}
+        limit = {"t": round(end - start, 6)} if end is not None else {}
+        output = ffmpeg.output(*streams, str(dest), vcodec="libx264", pix_fmt="yuv420p", crf=encoding.crf,
+                               preset=encoding.preset, threads=encoding.threads, movflags="+faststart",
+                               **audio, **limit)
+    code, log = run(output, encoding.timeout_s)
+    errors = decode_errors(log, info)
+    if len(errors) > encoding.max_decode_errors:
+        raise ItemError(f"ffmpeg reported {len(errors)} error(s): {errors[0][:200]}")
+    try:
+        out = probe(dest)
+    except ItemError as exc:
+        raise ItemError(f"ffmpeg: {_tool_message(log)}" if code else f"no decodable frame ({exc})") from None
+    if out.frames < 1:
+        raise ItemError("no decodable frame")
+    if out.duration < TRUNCATION_RATIO * expected - 0.5:
+        raise ItemError(f"truncated: {out.duration:.2f} s decoded of the {expected:.2f} s the input promises")
+    return out.fields()
+
+
+def add_encoding_arguments(parser: argparse.ArgumentParser, crf: int) -> None:
+    """Add ``--crf`` (default ``crf``), ``--preset``, ``--timeout`` (seconds per video) and
+    ``--max-decode-errors`` to a stage's parser."""
     parser.add_argument("--crf", type=int, default=crf, help="x264 constant rate factor")
     parser.add_argument("--preset", default="veryfast", help="x264 speed preset")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per video")
+    parser.add_argument("--max-decode-errors", type=int, default=0,
+                        help="ffmpeg error messages tolerated per video before it counts as corrupt")
+
+
+def encoding_from_args(args: argparse.Namespace, **overrides) -> Encoding:
+    """The :class:`Encoding` of a stage's parsed ``add_encoding_arguments`` options, with ``overrides``."""
+    return Encoding(crf=args.crf, preset=args.preset, timeout_s=args.timeout,
+                    max_decode_errors=args.max_decode_errors, **overrides)
+
+
+def encode_shard(args: argparse.Namespace, encoding: Encoding, stage: str) -> int:
+    """Encode every ``ok`` row of ``args.input`` into ``args.out_dir``; write ``args.status``; return the exit code."""
+    task = ShardTask(
+        ext=".mp4",
+        produce=lambda row, tmp: encode(row, tmp, encoding),
+        describe=lambda path: probe(path).fields(),
+        settings={"stage": stage, **asdict(encoding)},
+    )
+    status = run_shard(ok_rows(args.input), task, args.out_dir, args.threads, desc=stage)
+    return finish(status, args.status, COLUMNS, args.strict)

@@ -13,6 +13,10 @@ BENCHMARKS = f"{RESULTS}/benchmarks"
 STAGES = [stage["name"] for stage in config["stages"]]
 EVAL_STAGE = config["evaluate"]["stage"] or STAGES[-1]
 STRICT = "--strict" if config["data"]["strict"] else ""
+SINGLE_PASS = config["compress"]["single_pass"]
+# The per-shard stages in order; single-pass compression reads the downloads and skips transcode.
+DATA_STAGES = ("download", "compress", "features") if SINGLE_PASS else ("download", "transcode", "compress", "features")
+VIDEO_OPTIONS = f"--timeout {config['data']['video_timeout']} --max-decode-errors {config['data']['max_decode_errors']}"
 
 if EVAL_STAGE not in STAGES:
     raise ValueError(f"evaluate.stage: {EVAL_STAGE!r} is not a stage; stages are {STAGES}")
@@ -60,18 +64,17 @@ def all_targets(wildcards):
     what follows), the stage models, the evaluation and the report assets."""
     return [
         *expand("resources/raw/{shard}", shard=shard_ids()),
-        *expand(f"{RESULTS}/{{stage}}/{{shard}}", stage=("transcode", "compress"), shard=shard_ids()),
+        *expand(f"{RESULTS}/{{stage}}/{{shard}}", stage=[s for s in DATA_STAGES if s in ("transcode", "compress")],
+                shard=shard_ids()),
         *expand(f"{RESULTS}/features/{{shard}}.h5", shard=shard_ids()),
         *expand(f"{RESULTS}/train/{{stage}}/model", stage=STAGES),
         f"{RESULTS}/eval/metrics.json",
         f"{RESULTS}/report/summary.html",
+        f"{RESULTS}/report/video_stats.svg",
         *expand(f"{RESULTS}/report/loss_{{stage}}.svg", stage=STAGES),
         f"{RESULTS}/report/rulegraph.svg",
         f"{RESULTS}/report/dag.svg",
     ]
-
-
-DATA_STAGES = ("download", "transcode", "compress", "features")
 
 
 def status_tables(wildcards):

@@ -1,8 +1,9 @@
 rule compress:
-    """Every transcoded video of a shard to compress.fps frames/s, short side compress.size px, no audio."""
+    """Every video of a shard to compress.fps frames/s, short side compress.size px, no audio (from the transcoded
+    mp4s, or single-pass from the downloads)."""
     input:
-        status=f"{RESULTS}/transcode/{{shard}}.tsv",
-        videos=f"{RESULTS}/transcode/{{shard}}",
+        status=f"{RESULTS}/download/{{shard}}.tsv" if SINGLE_PASS else f"{RESULTS}/transcode/{{shard}}.tsv",
+        videos="resources/raw/{shard}" if SINGLE_PASS else f"{RESULTS}/transcode/{{shard}}",
     output:
         status=f"{RESULTS}/compress/{{shard}}.tsv",
         videos=directory(f"{RESULTS}/compress/{{shard}}"),
@@ -11,6 +12,7 @@ rule compress:
         size=config["compress"]["size"],
         crf=config["compress"]["crf"],
         preset=config["compress"]["preset"],
+        video=VIDEO_OPTIONS,
         strict=STRICT,
     threads: 4
     resources:
@@ -25,4 +27,4 @@ rule compress:
     shell:
         "python -m pipeline.video.compress --input {input.status} --out-dir {output.videos} --status {output.status}"
         " --fps {params.fps} --size {params.size} --crf {params.crf} --preset {params.preset} --threads {threads}"
-        " {params.strict} > {log} 2>&1"
+        " {params.video} {params.strict} > {log} 2>&1"

@@ -15,7 +15,7 @@ rule demo_manifest:
     conda:
         "../../envs/video.yaml"
     shell:
-        "python -m pipeline.manifest --spec {input.spec} --out {output} > {log} 2>&1"
+        "python -m pipeline.manifest packages --spec {input.spec} --out {output} > {log} 2>&1"
 
 
 checkpoint shards:

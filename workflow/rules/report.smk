@@ -23,6 +23,23 @@ rule loss_plot:
         "python -m pipeline.report loss --loss {input} --title 'stage {wildcards.stage}' --out {output} > {log} 2>&1"
 
 
+rule video_stats:
+    """Duration, frame rate, resolution and codec of the downloaded videos."""
+    input:
+        per_shard(f"{RESULTS}/download/{{shard}}.tsv"),
+    output:
+        report(f"{RESULTS}/report/video_stats.svg", caption="../report/video_stats.rst", category="Data and evaluation"),
+    log:
+        f"{LOGS}/video_stats.log",
+    benchmark:
+        f"{BENCHMARKS}/video_stats.tsv"
+    localrule: True
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m pipeline.report video-stats --out {output} {input} > {log} 2>&1"
+
+
 rule summary:
     """Videos kept and failed per data stage, instruction records kept and rejected, evaluation metrics."""
     input:

@@ -9,6 +9,7 @@ rule transcode:
     params:
         crf=config["transcode"]["crf"],
         preset=config["transcode"]["preset"],
+        video=VIDEO_OPTIONS,
         strict=STRICT,
     threads: 4
     resources:
@@ -22,4 +23,4 @@ rule transcode:
         "../../envs/video.yaml"
     shell:
         "python -m pipeline.video.transcode --input {input.status} --out-dir {output.videos} --status {output.status}"
-        " --crf {params.crf} --preset {params.preset} --threads {threads} {params.strict} > {log} 2>&1"
+        " --crf {params.crf} --preset {params.preset} --threads {threads} {params.video} {params.strict} > {log} 2>&1"
