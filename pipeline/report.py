@@ -52,7 +52,7 @@ def plot_video_stats(tables: list[str | Path], out: str | Path) -> None:
 
     frame = pd.concat([read_table(t) for t in tables]) if tables else pd.DataFrame()
     frame = frame[(frame.get("status") == "ok") & (frame.get("codec", "") != "")] if len(frame) else frame
-    frame = frame.drop_duplicates("path") if len(frame) else frame  # segments of one source count once
+    frame = frame.drop_duplicates("source") if len(frame) else frame  # segments of one source count once
     fig, axes = plt.subplots(1, 4, figsize=(13, 3))
     if len(frame):
         numbers = frame[["duration", "fps", "width", "height"]].astype(float)

@@ -137,6 +137,15 @@ def _bad(tmp_path, clips, kind):
         data = bytearray(bikes)
         data[len(data) // 2: len(data) // 2 + 30000] = np.random.default_rng(0).bytes(30000)
         path.write_bytes(bytes(data))
+    elif kind == "no_decodable_frame":  # a valid container whose frames are all zeros
+        path = path.with_suffix(".mp4")
+        data, offset = bytearray(bikes), 0
+        while offset < len(data):
+            size, box = int.from_bytes(data[offset:offset + 4], "big"), data[offset + 4:offset + 8]
+            if box == b"mdat":
+                data[offset + 8:offset + size] = bytes(size - 8)
+            offset += size
+        path.write_bytes(bytes(data))
     elif kind == "audio_only":
         path = package_file("iscc_samples", "files/audio/demo.mp3")
     return path
@@ -148,6 +157,7 @@ def _bad(tmp_path, clips, kind):
     ("truncated", r"ffmpeg reported 1 error\(s\): .*File ended prematurely"),
     ("corrupt_middle", r"ffmpeg reported \d+ error\(s\): .*Invalid NAL unit size"),
     ("audio_only", r"no video stream \(streams: audio\)"),
+    ("no_decodable_frame", r"ffmpeg reported \d+ error\(s\): .*Invalid NAL unit size"),
 ])
 def test_bad_files_fail_with_what_the_tool_said(tmp_path, clips, kind, reason):
     with pytest.raises(ItemError, match=reason):
@@ -156,8 +166,10 @@ def test_bad_files_fail_with_what_the_tool_said(tmp_path, clips, kind, reason):
 
 def test_decode_errors_can_be_tolerated(tmp_path, clips):
     corrupt = _bad(tmp_path, clips, "corrupt_middle")
-    tolerant = Encoding(preset="ultrafast", max_decode_errors=1000)
+    tolerant = Encoding(preset="ultrafast", max_decode_errors=10**6)
     assert encode({"path": str(corrupt)}, tmp_path / "out.mp4", tolerant)["frames"] > 0
+    with pytest.raises(ItemError, match="no decodable frame: ffmpeg: "):
+        encode({"path": str(_bad(tmp_path, clips, "no_decodable_frame"))}, tmp_path / "out.mp4", tolerant)
     truncated = _bad(tmp_path, clips, "truncated")  # tolerated errors, but half the promised duration is missing
     with pytest.raises(ItemError, match=r"truncated: 30\.\d+ s decoded of the 60\.15 s the input promises"):
         encode({"path": str(truncated)}, tmp_path / "out.mp4", tolerant)

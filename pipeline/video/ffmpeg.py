@@ -68,7 +68,8 @@ class VideoInfo:
 
 def _tool_message(stderr: bytes | str | None, limit: int = 300) -> str:
     text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else (stderr or "")
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in text.strip().splitlines()
+             if line.strip() and not line.strip().startswith("Last message repeated")]
     return " | ".join(lines[-3:])[-limit:] or "no message"
 
 
@@ -261,7 +262,8 @@ def encode(row: dict, dest: str | Path, encoding: Encoding) -> dict:
     try:
         out = probe(dest)
     except ItemError as exc:
-        raise ItemError(f"ffmpeg: {_tool_message(log)}" if code else f"no decodable frame ({exc})") from None
+        raise ItemError(f"no decodable frame: ffmpeg: {_tool_message(log)}" if code else
+                        f"no decodable frame ({exc})") from None
     if out.frames < 1:
         raise ItemError("no decodable frame")
     if out.duration < TRUNCATION_RATIO * expected - 0.5:
