@@ -169,18 +169,34 @@ def _input_key(row: dict) -> dict:
     return {**row, "_input": [stat.st_size, stat.st_mtime_ns]}
 
 
-def _process_one(task: ShardTask, row: dict, partial: Path) -> dict:
-    ext = task.ext(row) if callable(task.ext) else task.ext
-    dest = partial / f"{row['video_id']}{ext}"
+def output_path(task: ShardTask, row: dict, partial: Path) -> Path:
+    """Where ``task`` writes ``row``'s output in the partial folder: ``<video_id><ext>``."""
+    return partial / f"{row['video_id']}{task.ext(row) if callable(task.ext) else task.ext}"
+
+
+def finished_row(task: ShardTask, row: dict, partial: Path) -> dict | None:
+    """The status row of a video an earlier, killed run already finished, or None. An unreadable leftover is
+    deleted (it will be redone), never trusted."""
+    dest = output_path(task, row, partial)
+    if not dest.exists():
+        return None
     try:
-        if dest.exists():
-            try:
-                fields = task.describe(dest)
-            except Exception as exc:  # an unreadable leftover is redone, never trusted
-                log.warning("%s: redoing, earlier output unreadable (%s)", dest, exc)
-                dest.unlink()
-            else:
-                return {"video_id": row["video_id"], "status": "ok", "reason": "", "path": str(dest), **fields}
+        fields = task.describe(dest)
+    except Exception as exc:
+        log.warning("%s: redoing, earlier output unreadable (%s)", dest, exc)
+        dest.unlink()
+        return None
+    return {"video_id": row["video_id"], "status": "ok", "reason": "", "path": str(dest), **fields}
+
+
+def process_row(task: ShardTask, row: dict, partial: Path) -> dict:
+    """Produce ``row``'s output under a temporary name and rename it when complete; return its status row (a
+    ``failed`` one for an :class:`ItemError` or unexpected error, see :func:`run_shard`)."""
+    try:
+        done = finished_row(task, row, partial)
+        if done is not None:
+            return done
+        dest = output_path(task, row, partial)
         with atomic_path(dest) as tmp:
             fields = task.produce(row, tmp)
         return {"video_id": row["video_id"], "status": "ok", "reason": "", "path": str(dest), **fields}
@@ -188,18 +204,9 @@ def _process_one(task: ShardTask, row: dict, partial: Path) -> dict:
         return _failure(row, exc)
 
 
-def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: int = 1, desc: str = "",
-              publish: bool = True) -> list[dict]:
-    """Run ``task`` on every row, ``threads`` at a time, in ``<out_dir>.partial/``; then publish it as ``out_dir``.
-
-    Per-video outputs are named ``<video_id><ext>``; each row's ``path`` points into ``out_dir`` (into the
-    partial folder when ``publish`` is False: the caller packs the results and removes that folder). A row whose
-    ``produce`` raises :class:`ItemError` (or any error but a full or read-only disk) becomes a ``failed`` row with
-    the reason; :class:`JobError` and ``OSError`` ENOSPC/EDQUOT/EROFS fail the job.
-
-    Returns:
-        Status rows in input order: ``video_id, status, reason, path`` plus the task's fields.
-    """
+def prepare_partial(out_dir: str | Path, task: ShardTask, rows: list[dict]) -> Path:
+    """The ``<out_dir>.partial/`` folder of a shard job, ready to resume: a folder left by a killed run with other
+    settings or inputs is discarded, temporary files of a killed run are removed, the folder is stamped."""
     out_dir = Path(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     stamp = partial / ".settings.json"
@@ -211,21 +218,39 @@ def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: i
     for leftover in partial.glob(".*.tmp*"):  # temporary files of a killed run: never complete, never used
         leftover.unlink()
     write_json(stamp, settings)
+    return partial
 
+
+def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: int = 1, desc: str = "") -> list[dict]:
+    """Run ``task`` on every row, ``threads`` at a time, in ``<out_dir>.partial/``; then publish it as ``out_dir``.
+
+    Per-video outputs are named ``<video_id><ext>``; each row's ``path`` points into ``out_dir``. A row whose
+    ``produce`` raises :class:`ItemError` (or any error but a full or read-only disk) becomes a ``failed`` row with
+    the reason; :class:`JobError` and ``OSError`` ENOSPC/EDQUOT/EROFS fail the job.
+
+    Returns:
+        Status rows in input order: ``video_id, status, reason, path`` plus the task's fields.
+    """
+    out_dir = Path(out_dir)
+    partial = prepare_partial(out_dir, task, rows)
     results: dict[int, dict] = {}
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        futures = {pool.submit(_process_one, task, row, partial): i for i, row in enumerate(rows)}
+        futures = {pool.submit(process_row, task, row, partial): i for i, row in enumerate(rows)}
         for future in tqdm(as_completed(futures), total=len(futures), desc=desc, file=sys.stderr, mininterval=2):
             results[futures[future]] = future.result()
     ordered = [results[i] for i in range(len(rows))]
-    if publish:
-        publish_dir(partial, out_dir)
-        for row in ordered:
-            if row.get("path"):
-                row["path"] = str(out_dir / Path(row["path"]).name)
-    failed = sum(row["status"] != "ok" for row in ordered)
-    log.info("%s: %d ok, %d failed", desc or out_dir, len(ordered) - failed, failed)
+    publish_dir(partial, out_dir)
+    for row in ordered:
+        if row.get("path"):
+            row["path"] = str(out_dir / Path(row["path"]).name)
+    log_counts(ordered, desc or str(out_dir))
     return ordered
+
+
+def log_counts(status: list[dict], what: str) -> None:
+    """Log how many rows of ``status`` are ok and failed."""
+    failed = sum(row["status"] != "ok" for row in status)
+    log.info("%s: %d ok, %d failed", what, len(status) - failed, failed)
 
 
 def stage_parser(description: str, input_help: str) -> argparse.ArgumentParser:

@@ -28,7 +28,8 @@ TINY_CLIP = {
         "embed_dim": 16,
     },
     "num_frames": 4,
-    "sampling": "uniform",
+    "sampling": "midpoints",
+    "workers": 1,
     "pooling": "videochatgpt",
     "batch_size": 8,
 }
@@ -52,6 +53,28 @@ def short_clip(tmp_path_factory, clips) -> Path:
     subprocess.run(["ffmpeg", "-v", "error", "-ss", "10", "-t", "2", "-i", str(clips["webm"]), "-c:v", "libx264",
                     "-pix_fmt", "yuv420p", "-an", str(path)], check=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def bikes_clip(clips) -> Path:
+    """A real 640x272 H.264 clip of 250 frames."""
+    return clips["bikes"]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_clip_dir(tmp_path_factory) -> Path:
+    """A 2-layer transformers CLIPVisionModel of ViT-L/14's geometry (224 px, 14 px patches: 256 patches) but width
+    32, random weights, with CLIP's image processor, as a local folder."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=224, patch_size=14, projection_dim=16)
+    out = tmp_path_factory.mktemp("tiny_hf_clip")
+    CLIPVisionModel(config).save_pretrained(out)
+    CLIPImageProcessor().save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,4 @@
+import time
 from types import SimpleNamespace
 
 import h5py
@@ -5,42 +6,115 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_CLIP
+from videochatgpt_reference import videochatgpt_features
 
 from pipeline.features import extract
-from pipeline.features.encoder import EncoderConfig, FrameEncoder
-from pipeline.features.pooling import pool, videochatgpt_pool
+from pipeline.features.encoder import FrameEncoder
+from pipeline.features.extract import FeatureConfig
+from pipeline.features.pooling import frame_tokens, videochatgpt_pool
 from pipeline.features.store import FeatureStore, write_index
 from pipeline.io import write_table
+from pipeline.video.frames import FrameSampling, read_frames
 
-ENCODER = EncoderConfig(**{k: TINY_CLIP[k] for k in ("backend", "model", "pretrained", "seed", "layer", "overrides")})
+OPEN_CLIP = FeatureConfig.from_dict(TINY_CLIP)
 
 
-def test_videochatgpt_pooling_is_temporal_then_spatial_means():
+def _store(shard, status) -> FeatureStore:
+    """A FeatureStore over one shard file and its status rows (as the features_index rule builds it)."""
+    table = shard.with_suffix(".tsv")
+    write_table(table, status, extract.COLUMNS)
+    write_index([table], shard.with_suffix(".index.tsv"))
+    return FeatureStore(shard.with_suffix(".index.tsv"))
+
+
+def _hf_config(folder, **changes) -> FeatureConfig:
+    return FeatureConfig.from_dict({"backend": "hf_clip", "model": str(folder), "pretrained": "local", "layer": -2,
+                                    "resize": "stretch", "sampling": "videochatgpt", "num_frames": 100,
+                                    "pooling": "videochatgpt", "temporal_tokens": 100, "batch_size": 32,
+                                    "workers": 0, **changes})
+
+
+@pytest.mark.parametrize("method, total, expected", [
+    ("uniform", 10, [0, 3, 6, 9]),
+    ("midpoints", 100, [12, 37, 62, 87]),
+    ("midpoints", 3, [0, 1, 1, 2]),
+    ("videochatgpt", 10, [1, 3, 5, 8]),  # edges 0, 2, 4, 7, 9: np.round(4.5) is 4 (half to even)
+    ("videochatgpt", 3, [0, 1, 1]),  # fewer frames than asked: each frame once, never more than the video has
+])
+def test_frame_sampling(method, total, expected):
+    assert FrameSampling(method, num_frames=4).indices(total, 25.0).tolist() == expected
+
+
+def test_fps_sampling_follows_the_duration_within_bounds():
+    one_per_second = FrameSampling("fps", fps=1.0, min_frames=4, max_frames=8)
+    assert len(one_per_second.indices(25 * 6, 25.0)) == 6  # 6 s of video, 1 fps
+    assert len(one_per_second.indices(25 * 2, 25.0)) == 4  # at least min_frames
+    assert len(one_per_second.indices(25 * 60, 25.0)) == 8  # at most max_frames
+    with pytest.raises(ValueError, match="unknown 'random'"):
+        FrameSampling("random")
+
+
+def test_videochatgpt_pooling_pads_temporal_rows_and_averages_real_frames():
     tokens = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)  # (T=2, S=3, D=4)
-    pooled = videochatgpt_pool(tokens)
-    assert pooled.shape == (2 + 3, 4)
-    assert torch.equal(pooled[0], tokens[0].mean(0)) and torch.equal(pooled[1], tokens[1].mean(0))
-    assert torch.equal(pooled[2:], (tokens[0] + tokens[1]) / 2)
-    with pytest.raises(ValueError):
-        pool(tokens, "nope")
+    pooled = videochatgpt_pool(tokens, temporal_tokens=5)
+    assert pooled.shape == (5 + 3, 4) and pooled.dtype == torch.float16
+    assert torch.equal(pooled[0], tokens[0].mean(0).half()) and torch.equal(pooled[1], tokens[1].mean(0).half())
+    assert not pooled[2:5].any()  # padding rows
+    assert torch.equal(pooled[5:], ((tokens[0] + tokens[1]) / 2).half())  # spatial: the 2 real frames only
 
 
-def test_tiny_open_clip_tower_gives_penultimate_patch_tokens_without_cls(short_clip):
-    encoder = FrameEncoder(ENCODER)
-    assert (encoder.image_size, encoder.dim, encoder.num_patches) == ((32, 32), 64, 4)
+def test_frame_tokens_pool_each_frame_over_2x2_patches():
+    tokens = torch.arange(2 * 16, dtype=torch.float32).reshape(2, 16, 1)  # 2 frames of a 4 x 4 grid, D = 1
+    pooled = frame_tokens(tokens, (4, 4), spatial_pool=2)
+    assert pooled.shape == (2 * 4, 1)
+    assert pooled[:4, 0].tolist() == [2.5, 4.5, 10.5, 12.5]  # mean of patches (0, 1, 4, 5), (2, 3, 6, 7), ...
+    assert frame_tokens(tokens, (4, 4)).shape == (32, 1)
+    with pytest.raises(ValueError, match="do not make a 3 x 3 grid"):
+        frame_tokens(tokens, (3, 3))
+
+
+def test_open_clip_and_hf_towers_give_penultimate_patch_tokens_without_cls(tiny_hf_clip_dir):
     frames = np.random.default_rng(0).integers(0, 255, (3, 48, 80, 3), dtype=np.uint8)
-    tokens = encoder.patch_tokens(frames, batch_size=2)
-    assert tokens.shape == (3, 4, 64) and tokens.dtype == torch.float32
+    encoder = FrameEncoder(OPEN_CLIP.encoder)
+    assert (encoder.prep.size, encoder.dim, encoder.grid) == ((32, 32), 64, (2, 2))
+    pixels = encoder.normalize(encoder.prep(frames))
+    tokens = encoder.patch_tokens(encoder.prep(frames), batch_size=2)
+    import open_clip
+
+    torch.manual_seed(0)  # the same random tower, unpruned
+    whole = open_clip.create_model("ViT-B-32", pretrained=None, **TINY_CLIP["overrides"]).visual.eval()
     with torch.no_grad():
-        full = encoder.visual.forward_intermediates(encoder.preprocess(frames), indices=[0, 1], output_fmt="NLC",
-                                                    intermediates_only=True)["image_intermediates"]
-    assert torch.allclose(tokens, full[0], atol=1e-5)  # block -2 of 2 is block 0
-    assert not torch.allclose(tokens, full[1])
+        blocks = whole.forward_intermediates(pixels, indices=[0, 1], output_fmt="NLC",
+                                             intermediates_only=True)["image_intermediates"]
+    assert tokens.shape == (3, 4, 64) and torch.allclose(tokens, blocks[0], atol=1e-5)  # block -2 of 2 is block 0
+    assert len(encoder.tower.transformer.resblocks) == 1  # the last block is pruned: it would never be used
+
+    from transformers import CLIPVisionModel
+
+    hf = FrameEncoder(_hf_config(tiny_hf_clip_dir).encoder)
+    assert (hf.prep.size, hf.dim, hf.grid) == ((224, 224), 32, (16, 16))
+    pixels = hf.normalize(hf.prep(frames))
+    with torch.no_grad():
+        hidden = CLIPVisionModel.from_pretrained(tiny_hf_clip_dir)(pixels, output_hidden_states=True).hidden_states
+    assert torch.allclose(hf.patch_tokens(hf.prep(frames)), hidden[-2][:, 1:], atol=1e-6)
 
 
 def test_same_seed_same_random_weights():
-    a, b = FrameEncoder(ENCODER), FrameEncoder(ENCODER)
-    assert all(torch.equal(x, y) for x, y in zip(a.visual.parameters(), b.visual.parameters()))
+    a, b = FrameEncoder(OPEN_CLIP.encoder), FrameEncoder(OPEN_CLIP.encoder)
+    assert all(torch.equal(x, y) for x, y in zip(a.tower.parameters(), b.tower.parameters()))
+
+
+@pytest.mark.parametrize("clip_name", ["short_clip", "bikes_clip"])
+def test_videochatgpt_recipe_matches_the_original_script(tmp_path, tiny_hf_clip_dir, clip_name, request):
+    video = request.getfixturevalue(clip_name)
+    reference = videochatgpt_features(video, tiny_hf_clip_dir)
+    rows = [{"video_id": "v", "path": str(video)}]
+    status = extract.extract_shard(rows, tmp_path / "s.h5", _hf_config(tiny_hf_clip_dir), threads=2)
+    store = _store(tmp_path / "s.h5", status)
+    ours = store.get("v")
+    assert (store.info("v")["layout"], store.info("v")["S"]) == ("videochatgpt", 256)
+    assert status[0]["tokens"] == 356 and ours.shape == reference.shape == (356, 32) and ours.dtype == np.float16
+    assert np.abs(ours.astype(np.float32) - reference.astype(np.float32)).max() <= 1e-2
 
 
 def test_extract_shard_writes_hdf5_index_and_failed_rows(tmp_path, short_clip):
@@ -48,25 +122,62 @@ def test_extract_shard_writes_hdf5_index_and_failed_rows(tmp_path, short_clip):
     bad.write_text("not a video")
     rows = [{"video_id": "band", "path": str(short_clip)}, {"video_id": "bad", "path": str(bad)}]
     out = tmp_path / "shard-00000.h5"
-    status = extract.extract_shard(rows, out, TINY_CLIP, threads=1)
+    status = extract.extract_shard(rows, out, FeatureConfig.from_dict({**TINY_CLIP, "workers": 2}), threads=1)
     assert [(r["video_id"], r["status"]) for r in status] == [("band", "ok"), ("bad", "failed")]
     assert status[1]["reason"].startswith("decode error")
     assert status[0]["tokens"] == 4 + 4 and status[0]["dim"] == 64
     assert not (tmp_path / "shard-00000.h5.partial").exists()
     with h5py.File(out) as f:
-        assert list(f) == ["band"]
-        data = f["band"]
-        assert data.shape == (8, 64) and data.dtype == np.float16
-        assert (data.attrs["T"], data.attrs["S"]) == (4, 4)
-        assert len(data.attrs["frame_times"]) == 4
-        assert f.attrs["encoder"] == "open_clip:ViT-B-32" and f.attrs["pooling"] == "videochatgpt"
-    table = tmp_path / "shard-00000.tsv"
-    write_table(table, status, extract.COLUMNS)
-    assert write_index([table], tmp_path / "index.tsv") == 1
-    store = FeatureStore(tmp_path / "index.tsv")
+        assert f["video_ids"].asstr()[()].tolist() == ["band"] and f["features"].shape == (8, 64)
+        assert f.attrs["backend"] == "open_clip" and f.attrs["pooling"] == "videochatgpt"
+    store = _store(out, status)
     assert "band" in store and "bad" not in store
-    features = store.get("band")
-    assert features.shape == (8, 64) and np.isfinite(features).all()
+    features, info = store.get("band"), store.info("band")
+    assert features.shape == (8, 64) and features.dtype == np.float16 and np.isfinite(features).all()
+    assert (info["layout"], info["T"], info["S"], len(info["frame_times"])) == ("videochatgpt", 4, 4, 4)
+
+
+def test_per_frame_tokens_with_timestamps(tmp_path, short_clip):
+    config = FeatureConfig.from_dict({**TINY_CLIP, "sampling": "fps", "fps": 2.0, "pooling": "frames"})
+    status = extract.extract_shard([{"video_id": "v", "path": str(short_clip)}], tmp_path / "s.h5", config, 1)
+    store = _store(tmp_path / "s.h5", status)
+    info = store.info("v")
+    assert (info["layout"], info["T"], info["S"]) == ("frames", 4, 4)  # 2 s at 2 fps, 2 x 2 patches
+    assert store.get("v").shape == (4 * 4, 64)
+    assert info["frame_times"].tolist() == pytest.approx([0.25, 0.75, 1.25, 1.75], abs=0.05)
+
+
+def test_a_hung_decoder_fails_only_its_video(tmp_path, short_clip, monkeypatch):
+    real = extract.read_frames
+
+    def slow(path, sampling):
+        if "hung" in str(path):
+            time.sleep(60)
+        return real(path, sampling)
+
+    monkeypatch.setattr(extract, "read_frames", slow)  # the forked DataLoader workers inherit it
+    hung = tmp_path / "hung.mp4"
+    hung.write_bytes(short_clip.read_bytes())
+    rows = [{"video_id": "a", "path": str(short_clip)}, {"video_id": "hung", "path": str(hung)},
+            {"video_id": "b", "path": str(short_clip)}]
+    config = FeatureConfig.from_dict({**TINY_CLIP, "workers": 1, "decode_timeout": 3})
+    status = extract.extract_shard(rows, tmp_path / "s.h5", config, threads=1)
+    assert [r["status"] for r in status] == ["ok", "failed", "ok"]
+    assert status[1]["reason"] == "decode timed out after 3 s"
+
+
+def test_pyav_reads_what_decord_cannot(short_clip, monkeypatch):
+    sampling = FrameSampling("midpoints", num_frames=5)
+    expected, indices, times = read_frames(short_clip, sampling)
+    import decord
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error reading (simulated decord failure)")
+
+    monkeypatch.setattr(decord, "VideoReader", broken)
+    frames, fallback_indices, fallback_times = read_frames(short_clip, sampling)
+    assert np.array_equal(fallback_indices, indices) and np.allclose(fallback_times, times, atol=0.05)
+    assert frames.shape == expected.shape and np.abs(frames.astype(int) - expected).mean() < 1.0
 
 
 def test_a_resumed_shard_does_not_redo_finished_videos(tmp_path, short_clip, monkeypatch):
@@ -74,18 +185,41 @@ def test_a_resumed_shard_does_not_redo_finished_videos(tmp_path, short_clip, mon
     rows = [{"video_id": "a", "path": str(short_clip)}, {"video_id": "b", "path": str(short_clip)}]
     with monkeypatch.context() as m:  # keep the partial folder, then make it what a job killed after "a" leaves
         m.setattr(extract, "shutil", SimpleNamespace(rmtree=lambda *a, **k: None))
-        extract.extract_shard(rows, out, TINY_CLIP, threads=1)
-    with h5py.File(out) as f:
-        first = f["a"][()]
+        extract.extract_shard(rows, out, OPEN_CLIP, threads=1)
+    first = _store(out, [{"video_id": "a", "status": "ok", "path": str(out), "tokens": 8, "dim": 64}]).get("a")
     out.unlink()
     (partial / "b.npz").unlink()
 
     calls = []
-    real = extract.video_features
-    monkeypatch.setattr(extract, "video_features", lambda enc, path, *a: calls.append(path) or real(enc, path, *a))
-    status = extract.extract_shard(rows, out, TINY_CLIP, threads=1)
+    real = extract.read_frames
+    monkeypatch.setattr(extract, "read_frames", lambda path, sampling: calls.append(path) or real(path, sampling))
+    status = extract.extract_shard(rows, out, FeatureConfig.from_dict({**TINY_CLIP, "workers": 0}), threads=1)
     assert len(calls) == 1  # only "b"
     assert [r["status"] for r in status] == ["ok", "ok"]
     assert not partial.exists()
-    with h5py.File(out) as f:
-        assert np.array_equal(f["a"][()], first) and np.array_equal(f["b"][()], first)
+    store = _store(out, status)
+    assert np.array_equal(store.get("a"), first) and np.array_equal(store.get("b"), first)
+
+
+def test_pickled_features_import_only_when_trusted(tmp_path):
+    import pickle
+
+    from pipeline.features.import_pickle import import_pickles, main
+
+    folder = tmp_path / "clip_features"
+    folder.mkdir()
+    good = np.random.default_rng(0).standard_normal((356, 8)).astype(np.float16)
+    for name, value in (("v_good", good), ("v_short", good[:50]), ("v_text", "hello")):
+        with open(folder / f"{name}.pkl", "wb") as handle:
+            pickle.dump(value, handle)
+    with pytest.raises(PermissionError, match="runs any code"):
+        import_pickles(folder, tmp_path / "x.h5", trusted=False)
+    with pytest.raises(SystemExit):  # the command refuses without --trust-pickle
+        main(["--features-dir", str(folder), "--out", str(tmp_path / "x.h5"), "--status", str(tmp_path / "x.tsv")])
+    assert not (tmp_path / "x.h5").exists()
+    status = {r["video_id"]: r for r in import_pickles(folder, tmp_path / "s.h5", trusted=True)}
+    assert status["v_good"]["status"] == "ok" and status["v_good"]["tokens"] == 356
+    assert "more than 100 rows" in status["v_short"]["reason"] and status["v_text"]["status"] == "failed"
+    store = _store(tmp_path / "s.h5", list(status.values()))
+    assert np.array_equal(store.get("v_good"), good) and "v_short" not in store
+    assert (store.info("v_good")["T"], store.info("v_good")["S"]) == (100, 256)

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO
 
 from pipeline.eval.generate import evaluate
-from pipeline.features.store import INDEX_COLUMNS, write_shard
+from pipeline.features.store import INDEX_COLUMNS, ShardWriter
 from pipeline.io import read_json, read_table, write_json, write_table, write_yaml
 from pipeline.model.video_llm import load_llm, load_stage
 from pipeline.train.config import StageConfig, resolve_stage
@@ -22,8 +22,10 @@ def data(tmp_path_factory):
     """Four videos of random (T + S = 6, D = 8) features and 12 single-turn records."""
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
-    videos = {f"v{i}": (rng.standard_normal((6, 8)).astype(np.float16), {"T": 2, "S": 4}) for i in range(4)}
-    write_shard(root / "shard-00000.h5", videos, {"encoder": "test"})
+    with ShardWriter(root / "shard-00000.h5", rows=4 * 6, dim=8, attrs={"encoder": "test"}) as writer:
+        for i in range(4):
+            writer.add(f"v{i}", rng.standard_normal((6, 8)).astype(np.float16), "videochatgpt", 2, 4)
+    videos = [f"v{i}" for i in range(4)]
     write_table(root / "index.tsv", [{"video_id": v, "path": str(root / "shard-00000.h5"), "tokens": 6, "dim": 8}
                                      for v in videos], INDEX_COLUMNS)
     records = [{"id": f"{v}_{j}", "video": v, "conversations": [

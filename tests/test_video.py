@@ -7,7 +7,7 @@ import pytest
 from pipeline.manifest import package_file
 from pipeline.shards import ItemError
 from pipeline.video.ffmpeg import Encoding, display_rotation, encode, probe
-from pipeline.video.frames import read_frames, sample_indices
+from pipeline.video.frames import FrameSampling, read_frames
 
 TRANSCODE = Encoding(crf=23, preset="ultrafast", audio=True)
 COMPRESS = Encoding(crf=23, preset="ultrafast", fps=3, size=224, audio=False)
@@ -189,17 +189,11 @@ def test_probe_refuses_what_is_not_a_video(tmp_path, clips):
         probe(tmp_path / "absent.mp4")
 
 
-def test_sample_indices_are_segment_midpoints():
-    assert sample_indices(100, 4).tolist() == [12, 37, 62, 87]
-    assert sample_indices(3, 6).tolist() == [0, 0, 1, 1, 2, 2]
-    with pytest.raises(ValueError):
-        sample_indices(0, 4)
-
-
 def test_read_frames_decodes_only_the_sampled_frames(short_clip):
-    frames, indices, times = read_frames(short_clip, 5)
+    sampling = FrameSampling("midpoints", num_frames=5)
+    frames, indices, times = read_frames(short_clip, sampling)
     assert frames.shape == (5, 144, 176, 3) and frames.dtype == np.uint8
-    assert indices.tolist() == sample_indices(48, 5).tolist()
+    assert indices.tolist() == sampling.indices(48).tolist()
     assert np.all(np.diff(times) > 0) and times[-1] < 2.0
 
 
@@ -207,7 +201,7 @@ def test_read_frames_of_a_broken_file_is_an_item_error(tmp_path, clips):
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(clips["bikes"].read_bytes()[:5000])
     with pytest.raises(ItemError, match="decode error"):
-        read_frames(broken, 4)
+        read_frames(broken, FrameSampling(num_frames=4))
 
 
 def test_encode_writes_nothing_under_the_final_name_on_failure(tmp_path, clips):

@@ -1,44 +1,118 @@
-"""Frame sampling and decoding: only the sampled frames are decoded, so memory does not grow with video length."""
+"""Frame sampling and decoding: only the sampled frames are decoded, so memory does not grow with video length.
+
+decord reads the sampled frames by index; when it cannot (it fails on some streams in the wild), PyAV decodes the
+video sequentially and keeps the sampled frames.
+"""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.shards import ItemError
 
-SAMPLINGS = ("uniform",)
+log = logging.getLogger(__name__)
+
+SAMPLINGS = ("uniform", "midpoints", "videochatgpt", "fps")
 
 
-def sample_indices(total: int, count: int, sampling: str = "uniform") -> np.ndarray:
-    """Indices of ``count`` frames out of ``total``.
+@dataclass(frozen=True)
+class FrameSampling:
+    """Which frames of a video are encoded.
 
-    ``uniform``: the midpoint frame of each of ``count`` equal segments, ``floor((i + 0.5) * total / count)``
-    (TSN-style; frames repeat when ``total < count``, so the result always has ``count`` entries).
-
-    Returns:
-        ``(count,)`` int64, non-decreasing, in ``[0, total)``.
-
-    Raises:
-        ValueError: ``total < 1``, ``count < 1`` or an unknown ``sampling``.
+    Attributes:
+        method: ``uniform`` (``num_frames`` evenly spaced, first and last frame included), ``midpoints`` (the middle
+            frame of each of ``num_frames`` equal segments, TSN-style), ``videochatgpt`` (Video-ChatGPT's
+            ``get_seq_frames``: at most ``num_frames``, never more than the video has), or ``fps`` (``fps`` frames
+            per second of video, between ``min_frames`` and ``max_frames``, as midpoints).
+        num_frames: frames for ``uniform``, ``midpoints`` and ``videochatgpt``.
+        fps: frames per second of video for ``fps`` (E.T. Chat: 1).
+        min_frames, max_frames: bounds of the ``fps`` count (VideoChat-Flash: 4 to 512).
     """
-    if total < 1 or count < 1:
-        raise ValueError(f"need total >= 1 and count >= 1, got total={total}, count={count}")
-    if sampling != "uniform":
-        raise ValueError(f"unknown sampling {sampling!r}; known: {SAMPLINGS}")
-    return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64)
+
+    method: str = "midpoints"
+    num_frames: int = 16
+    fps: float = 1.0
+    min_frames: int = 1
+    max_frames: int = 512
+
+    def __post_init__(self) -> None:
+        if self.method not in SAMPLINGS:
+            raise ValueError(f"features.sampling: unknown {self.method!r}; known: {SAMPLINGS}")
+        if self.num_frames < 1 or self.fps <= 0 or not 1 <= self.min_frames <= self.max_frames:
+            raise ValueError(f"features: need num_frames >= 1, fps > 0, 1 <= min_frames <= max_frames ({self})")
+
+    def indices(self, total: int, video_fps: float = 0.0) -> np.ndarray:
+        """Indices of the sampled frames of a video of ``total`` frames at ``video_fps`` frames per second.
+
+        Returns:
+            ``(T,)`` int64, non-decreasing, in ``[0, total)``; frames repeat when the video is shorter than asked
+            (except ``videochatgpt``, which then takes every frame once).
+
+        Raises:
+            ValueError: ``total < 1``.
+        """
+        if total < 1:
+            raise ValueError(f"a video needs at least one frame, got total={total}")
+        if self.method == "uniform":
+            return np.round(np.linspace(0, total - 1, self.num_frames)).astype(np.int64)
+        if self.method == "videochatgpt":
+            # Video-ChatGPT scripts/save_spatio_temporal_clip_features.py get_seq_frames (np.round: half to even)
+            count = min(total, self.num_frames)
+            segment = float(total - 1) / count
+            edges = np.round(segment * np.arange(count + 1)).astype(np.int64)
+            return (edges[:-1] + edges[1:]) // 2
+        count = self.num_frames
+        if self.method == "fps":
+            seconds = total / video_fps if video_fps > 0 else float(total)
+            count = int(np.clip(round(seconds * self.fps), self.min_frames, self.max_frames))
+        return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64)
 
 
-def read_frames(path: str | Path, count: int, sampling: str = "uniform") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode ``count`` sampled frames of a video with decord.
+def _read_with_pyav(path: str | Path, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fallback when decord fails: count the video's packets, then decode it in order with PyAV and keep only
+    the sampled frames (memory holds the sampled frames, not the video)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+            rate = float(stream.average_rate or 0)
+        if total < 1:
+            raise ItemError("no decodable frame")
+        indices = sampling.indices(total, rate)
+        wanted = set(indices.tolist())
+        kept: dict[int, tuple[np.ndarray, float]] = {}
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for ordinal, frame in enumerate(container.decode(stream)):
+                if ordinal in wanted:
+                    kept[ordinal] = (frame.to_ndarray(format="rgb24"), float(frame.time or 0.0))
+                if ordinal >= indices[-1]:
+                    break
+    except (av.FFmpegError, IndexError) as exc:
+        raise ItemError(f"decode error: {exc}") from None
+    missing = wanted - kept.keys()
+    if missing:
+        raise ItemError(f"decode error: frame {min(missing)} of {total} does not decode")
+    return (np.stack([kept[i][0] for i in indices]), indices,
+            np.array([kept[i][1] for i in indices], dtype=np.float32))
+
+
+def read_frames(path: str | Path, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode the sampled frames of a video.
 
     Returns:
-        ``frames`` ``(count, H, W, 3)`` uint8 RGB, ``indices`` ``(count,)`` int64, ``times`` ``(count,)`` float32
-        seconds (each frame's start time).
+        ``frames`` ``(T, H, W, 3)`` uint8 RGB, ``indices`` ``(T,)`` int64, ``times`` ``(T,)`` float32 seconds (each
+        frame's start time).
 
     Raises:
-        ItemError: decord cannot open or decode the file, or it has no frame.
+        ItemError: neither decord nor PyAV can decode the file, or it has no frame.
     """
     import decord  # imported here: decord loads its native library at import
 
@@ -47,9 +121,10 @@ def read_frames(path: str | Path, count: int, sampling: str = "uniform") -> tupl
         total = len(reader)
         if total < 1:
             raise ItemError("no decodable frame")
-        indices = sample_indices(total, count, sampling)
+        indices = sampling.indices(total, reader.get_avg_fps())
         frames = reader.get_batch(indices.tolist()).asnumpy()
         times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float32)
     except (decord.DECORDError, RuntimeError) as exc:  # decord raises RuntimeError when it cannot open a file
-        raise ItemError(f"decode error: {str(exc).splitlines()[0][:300]}") from None
+        log.warning("%s: decord failed (%s), decoding with PyAV", path, str(exc).splitlines()[0][:200])
+        return _read_with_pyav(path, sampling)
     return frames, indices, times
