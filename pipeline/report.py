@@ -93,21 +93,31 @@ def stage_counts(tables: dict[str, list[str]]) -> tuple[pd.DataFrame, pd.DataFra
     return pd.DataFrame(counts), pd.DataFrame(failures, columns=["stage", "video_id", "reason"])
 
 
-def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, instructions: str | Path,
-                 metrics: str | Path, predictions: str | Path, sample_count: int = 10) -> str:
-    """The summary page: videos per data stage, failed videos with reasons, instruction records, metrics and the
-    first ``sample_count`` predictions."""
+def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, instructions: list[str | Path],
+                 mixes: list[str | Path], metrics: str | Path, predictions: str | Path, sample_count: int = 10) -> str:
+    """The summary page: videos per data stage, failed videos with reasons, each dataset's instruction records kept
+    and rejected by reason, each training stage's data mix, metrics and the first ``sample_count`` predictions.
+
+    Args:
+        instructions: each dataset's ``counts.json`` (the dataset is its folder's name).
+        mixes: each stage's ``data_counts.json`` (the stage is its folder's name).
+    """
     counts, failures = stage_counts(tables)
     by_reason = (failures.assign(kind=failures["reason"].map(failure_kind)).groupby(["stage", "kind"], sort=False)
                  .size().reset_index(name="videos") if len(failures) else failures)
     rejected = read_table(manifest_rejected)
-    instruction_counts = read_json(instructions)
-    scores = read_json(metrics)
+    datasets = {Path(path).parent.name: read_json(path) for path in instructions}
     records = pd.DataFrame([
-        {"split": split, "records": instruction_counts[split]["records"], "videos": instruction_counts[split]["videos"]}
-        for split in ("train", "val")
+        {"dataset": name, "entries": c["annotations"], "kept": c["kept"], "rejected": c["rejected"],
+         "train records": c["train"]["records"], "train videos": c["train"]["videos"],
+         "val records": c["val"]["records"], "val videos": c["val"]["videos"]} for name, c in datasets.items()
     ])
-    reasons = pd.DataFrame(list(instruction_counts["rejected_by_reason"].items()), columns=["reason", "records"])
+    reasons = pd.DataFrame([{"dataset": name, "reason": reason, "records": n}
+                            for name, c in datasets.items() for reason, n in c["rejected_by_reason"].items()],
+                           columns=["dataset", "reason", "records"])
+    mix = pd.DataFrame([{"stage": Path(path).parent.name, "dataset": dataset, **taken}
+                        for path in mixes for dataset, taken in read_json(path).items()])
+    scores = read_json(metrics)
     metric_rows = pd.DataFrame([{"metric": "records", "value": str(scores["count"])}] + [
         {"metric": key, "value": f"{scores[key]:.4f}"} for key in ("exact_match", "token_f1")])
     samples = pd.DataFrame([json.loads(line) for line in Path(predictions).read_text(encoding="utf-8").splitlines()
@@ -117,9 +127,9 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
         ("Manifest rows rejected before download", rejected),
         ("Failures by stage and reason", by_reason),
         ("Failed videos and why", failures),
-        (f"Instruction records: {instruction_counts['annotations']} annotations, {instruction_counts['kept']} kept, "
-         f"{instruction_counts['rejected']} rejected", records),
+        ("Instruction records per dataset", records),
         ("Rejected instruction records by reason", reasons),
+        ("Training data of each stage", mix),
         (f"Evaluation of {html.escape(str(scores['model']))} (greedy decoding)", metric_rows),
         (f"The first {len(samples)} predictions", samples),
     ]
@@ -144,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     summary.add_argument("--stage", action="append", nargs="+", metavar=("NAME", "TABLE"), default=[],
                          help="a data stage's name and its status tables (repeat per stage)")
     summary.add_argument("--manifest-rejected", required=True)
-    summary.add_argument("--instructions", required=True, help="the instructions stage's counts.json")
+    summary.add_argument("--instructions", required=True, nargs="+", help="each dataset's counts.json")
+    summary.add_argument("--mixes", required=True, nargs="+", help="each stage's data_counts.json")
     summary.add_argument("--metrics", required=True)
     summary.add_argument("--predictions", required=True)
     summary.add_argument("--out", required=True)
@@ -155,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_video_stats(args.tables, args.out)
     else:
         tables = {name: paths for name, *paths in args.stage}
-        write_text(args.out, summary_html(tables, args.manifest_rejected, args.instructions, args.metrics,
-                                          args.predictions))
+        write_text(args.out, summary_html(tables, args.manifest_rejected, args.instructions, args.mixes,
+                                          args.metrics, args.predictions))
     return 0
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from pipeline import IGNORE_INDEX, VIDEO_TOKEN_INDEX
-from pipeline.data.dataset import InstructionDataset, VideoCollator
-from pipeline.data.templates import get_template
+from pipeline.data.dataset import VideoCollator, fit_records
+from pipeline.data.templates import get_template, tokenize_conversation
 from pipeline.model.projector import build_projector
 from pipeline.model.video_llm import VideoLLM, load_llm
 from pipeline.train.config import StageConfig
@@ -51,21 +51,22 @@ def test_collator_pads_right_and_concatenates_features():
     assert out["video_features"].shape == (3, 4) and out["video_features"][0].sum() == 4
 
 
-class _Store:
-    def __init__(self, rows):
-        self.rows = rows
-
-    def get(self, video):
-        return torch.zeros(self.rows, 6, dtype=torch.float16).numpy()
-
-
-def test_dataset_cuts_long_samples_but_never_the_video(tokenizer):
+def test_fit_records_drops_whole_trailing_turns_and_excludes_what_cannot_fit(tokenizer):
+    template = get_template("chatml")
+    long_answer = "word " * 40
     record = {"id": "r", "video": "v", "conversations": [
-        {"from": "human", "value": "<video>\nDescribe."}, {"from": "gpt", "value": "word " * 50}]}
-    item = InstructionDataset([record], tokenizer, get_template("chatml"), _Store(4), max_length=40)[0]
-    assert len(item["input_ids"]) == 40 and (item["input_ids"] == VIDEO_TOKEN_INDEX).sum() == 4
-    with pytest.raises(ValueError, match="record 'r': video tokens end at position"):
-        InstructionDataset([record], tokenizer, get_template("chatml"), _Store(60), max_length=40)[0]
+        {"from": "human", "value": "<video>\nDescribe."}, {"from": "gpt", "value": "A short answer."},
+        {"from": "human", "value": "More?"}, {"from": "gpt", "value": long_answer}]}
+    short = tokenize_conversation(record["conversations"][:2], tokenizer, template, 4)[0]
+    kept, excluded = fit_records([record], tokenizer, template, len(short) + 5, {"v": 4})
+    assert excluded == [] and kept[0]["conversations"] == record["conversations"][:2]
+    assert kept[0]["dropped_turns"] == 2  # the second answer would have been cut: it goes whole
+    kept, excluded = fit_records([record, {**record, "id": "gone", "video": "nope"}], tokenizer, template,
+                                 len(short) - 1, {"v": 4})
+    assert kept == [] and [e["id"] for e in excluded] == ["r", "gone"]
+    assert "more than max_length" in excluded[0]["reason"] and excluded[1]["reason"] == "no features for 'nope'"
+    whole, _ = fit_records([record], tokenizer, template, 10_000, {"v": 4})
+    assert whole == [record]
 
 
 def _grads(model, batch):

@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline import IGNORE_INDEX, VIDEO_TOKEN_INDEX
-from pipeline.data.templates import get_template, tokenize_conversation
+from pipeline.data.templates import TEMPLATES, get_template, tokenize_conversation
 
 TWO_TURNS = [
     {"from": "human", "value": "<video>\nWhat instrument is played?"},
@@ -9,6 +9,16 @@ TWO_TURNS = [
     {"from": "human", "value": "Where is this?"},
     {"from": "gpt", "value": "In a music studio."},
 ]
+
+# what each template trains on: every answer with its end-of-turn marker, nothing else
+TRAINED = {
+    "plain": ["An electric guitar.\n", "In a music studio.\n"],
+    "chatml": ["An electric guitar.<|im_end|>", "In a music studio.<|im_end|>"],
+    "vicuna_v1": [" An electric guitar.</s>", " In a music studio.</s>"],
+    "llama_2": [" An electric guitar. </s>", " In a music studio. </s>"],
+    "phi3": ["An electric guitar.<|end|>", "In a music studio.<|end|>"],
+    "tokenizer": ["An electric guitar.<|im_end|>", "In a music studio.<|im_end|>"],  # SmolLM2's own: ChatML
+}
 
 
 def _trained_spans(ids, labels):
@@ -23,42 +33,48 @@ def _trained_spans(ids, labels):
     return spans
 
 
-def test_chatml_two_turn_label_mask_token_by_token(tokenizer):
-    template = get_template("chatml")
-    ids, labels = tokenize_conversation(TWO_TURNS, tokenizer, template, num_video_tokens=3)
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_every_template_trains_exactly_the_answers_token_by_token(tokenizer, name):
+    ids, labels = tokenize_conversation(TWO_TURNS, tokenizer, get_template(name), num_video_tokens=3)
     assert len(ids) == len(labels)
     # every trained position predicts exactly its own token (labels are ids, shifted inside the model)
     assert all(label in (IGNORE_INDEX, token) for token, label in zip(ids, labels))
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    assert _trained_spans(ids, labels) == [encode("An electric guitar.") + [end], encode("In a music studio.") + [end]]
-    # the video sits in the first user turn, 3 positions, never trained
+    assert [tokenizer.decode(span) for span in _trained_spans(ids, labels)] == TRAINED[name]
     video = [i for i, t in enumerate(ids) if t == VIDEO_TOKEN_INDEX]
     assert len(video) == 3 and video == list(range(video[0], video[0] + 3))
     assert all(labels[i] == IGNORE_INDEX for i in video)
-    # with the video positions replaced by the text marker, the ids are those of the whole rendered conversation
+
+
+def test_chatml_pieces_tokenize_as_the_whole_rendered_conversation(tokenizer):
+    template = get_template("chatml")
+    ids, _ = tokenize_conversation(TWO_TURNS, tokenizer, template, num_video_tokens=3)
     text = tokenizer.apply_chat_template(
         [{"role": "system", "content": template.system}]
         + [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in TWO_TURNS],
         tokenize=False,
     )
     before, after = text.split("<video>")
-    assert ids[: video[0]] == encode(before)
-    assert ids[video[-1] + 1:] == encode(after.rstrip("\n"))
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    video = ids.index(VIDEO_TOKEN_INDEX)
+    assert ids[:video] == encode(before)
+    assert ids[video + 3:] == encode(after.rstrip("\n"))
+
+
+def test_plain_drops_the_instruction_and_llama_2_puts_the_system_prompt_in_the_first_turn(tokenizer):
+    ids, _ = tokenize_conversation(TWO_TURNS[:2], tokenizer, get_template("plain"), 2)
+    assert "instrument" not in tokenizer.decode([t for t in ids if t >= 0])
+    ids, _ = tokenize_conversation(TWO_TURNS, tokenizer, get_template("llama_2"), 1)
+    text = tokenizer.decode([t for t in ids if t >= 0])
+    assert text.count("<<SYS>>") == 1 and text.index("<<SYS>>") < text.index("What instrument")
+    assert "<s>[INST] Where is this? [/INST]" in text
 
 
 def test_generation_prompt_ends_with_the_assistant_header(tokenizer):
-    template = get_template("chatml")
-    ids, labels = tokenize_conversation(TWO_TURNS[:2], tokenizer, template, 2, for_generation=True)
-    assert tokenizer.decode([t for t in ids if t >= 0]).endswith("<|im_end|>\n<|im_start|>assistant\n")
-    assert set(labels) == {IGNORE_INDEX}
-
-
-def test_vicuna_v1_trains_answers_and_eos(tokenizer):
-    ids, labels = tokenize_conversation(TWO_TURNS[:2], tokenizer, get_template("vicuna_v1"), 1)
-    assert ids[0] == tokenizer.bos_token_id
-    trained = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
-    assert tokenizer.decode(trained) == " An electric guitar.</s>"
+    for name, header in (("chatml", "<|im_end|>\n<|im_start|>assistant\n"), ("phi3", "<|end|>\n<|assistant|>\n"),
+                         ("vicuna_v1", "ASSISTANT:"), ("tokenizer", "<|im_start|>assistant\n")):
+        ids, labels = tokenize_conversation(TWO_TURNS[:2], tokenizer, get_template(name), 2, for_generation=True)
+        assert tokenizer.decode([t for t in ids if t >= 0]).endswith(header), name
+        assert set(labels) == {IGNORE_INDEX}
 
 
 def test_turns_must_alternate(tokenizer):

@@ -64,9 +64,11 @@ def test_stage_outputs_and_logs(stages):
     root, first, second, log1 = stages
     assert "stage stage1: DeepSpeed ZeRO-2" in log1
     model1 = root / "stage1" / "model"
-    assert sorted(p.name for p in model1.iterdir()) == ["mm_projector.safetensors", "stage.yaml", "video_llm.json"]
+    assert sorted(p.name for p in model1.iterdir()) == ["excluded.jsonl", "mm_projector.safetensors", "stage.yaml",
+                                                         "video_llm.json"]
     assert sorted(p.name for p in (root / "stage2" / "model").iterdir()) == [
-        "adapter", "mm_projector.safetensors", "stage.yaml", "video_llm.json"]
+        "adapter", "excluded.jsonl", "mm_projector.safetensors", "stage.yaml", "video_llm.json"]
+    assert (model1 / "excluded.jsonl").read_text() == ""
     loss = read_table(root / "stage1" / "loss.tsv")
     assert len(loss) == 6 and list(loss.columns) == ["step", "epoch", "loss", "learning_rate", "grad_norm"]
     assert not (root / "stage1" / "checkpoints").exists()  # resume state goes once the stage is complete
@@ -91,7 +93,8 @@ def test_stage1_trains_the_projector_and_stage2_starts_from_it(stages, tiny_llm_
 
 def test_evaluate_writes_predictions_and_metrics(stages, data, tmp_path):
     root = stages[0]
-    metrics = evaluate(root / "stage2" / "model", data / "train.json", data / "index.tsv", tmp_path, max_new_tokens=4)
+    metrics = evaluate(root / "stage2" / "model", [data / "train.json"], data / "index.tsv", tmp_path,
+                       max_new_tokens=4)
     assert metrics["count"] == 12 and 0 <= metrics["token_f1"] <= 1
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 12 and read_json(tmp_path / "metrics.json")["count"] == 12
@@ -134,6 +137,7 @@ def test_resolve_stage_from_the_workflow_config():
     a, b = resolve_stage(config, "a"), resolve_stage(config, "b")
     assert (a["init"], a["lora"], a["learning_rate"], a["mm_projector_type"]) == (None, None, 1e-3, "mlp2x_gelu")
     assert (b["init"], b["lora"], b["output_dir"]) == ("results/train/a/model", {"r": 2}, "results/train/b")
+    assert b["train_data"] == "results/train/b/data.json"
     config["stages"][0]["init"] = "b"
     with pytest.raises(ValueError, match=r"stages\[a\].init: 'b' is not an earlier stage"):
         resolve_stage(config, "a")

@@ -54,7 +54,8 @@ def run(tmp_path_factory, clips, tiny_llm_dir):
     config = {
         "data": {"manifest": "manifest.tsv", "shard_size": 2},
         "features": TINY_CLIP,
-        "instructions": {"annotations": "qa.json", "val_fraction": 0.5},
+        "instructions": {"datasets": [{"name": "clips", "format": "videochatgpt_qa", "annotations": "qa.json"}],
+                         "val_fraction": 0.5},
         "llm": {"name_or_path": str(tiny_llm_dir), "gguf": None, "template": "chatml"},
         "stages": [
             {"name": "stage1", "init": None, **stage},
@@ -83,7 +84,7 @@ def test_a_text_file_named_mp4_costs_only_its_own_row(run):
     status = read_table(run / "results" / "transcode" / "shard-00001.tsv")
     assert list(status["status"]) == ["failed"]
     assert "moov atom not found" in status["reason"][0]
-    counts = read_json(run / "results" / "instructions" / "counts.json")
+    counts = read_json(run / "results" / "instructions" / "clips" / "counts.json")
     assert (counts["kept"], counts["rejected_by_reason"]) == (6, {"no features": 1})
     summary = (run / "results" / "report" / "summary.html").read_text()
     assert "fake" in summary and "moov atom not found" in summary

@@ -1,23 +1,56 @@
 """Training samples: instruction records + cached video features -> token ids, labels and feature rows.
 
-Tokenization is lazy (per ``__getitem__``), so a 100K-record file starts training at once.
+:func:`fit_records` checks once, before training, that every sample's mask can be built exactly within the length
+limit; the dataset then tokenizes lazily, per ``__getitem__``.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import IGNORE_INDEX, VIDEO_TOKEN_INDEX
+from pipeline import IGNORE_INDEX
 from pipeline.data.templates import Template, tokenize_conversation
 from pipeline.features.store import FeatureStore
 from pipeline.io import read_json
 
-log = logging.getLogger(__name__)
+
+def fit_records(records: list[dict], tokenizer, template: Template, max_length: int,
+                video_tokens: dict[str, int]) -> tuple[list[dict], list[dict]]:
+    """The records as they fit in ``max_length`` tokens, and the ones that cannot, with the reason.
+
+    A record longer than ``max_length`` loses whole trailing question/answer pairs until it fits (its kept
+    answers stay complete: no answer is ever cut, no sample trains on nothing). A record whose video and first
+    answer alone do not fit, or that the template cannot render exactly, is excluded.
+
+    Args:
+        video_tokens: ``video_id -> N``, the rows of each video's features (the index's ``tokens``).
+
+    Returns:
+        ``(kept, excluded)``; a shortened record gets ``"dropped_turns"``, an excluded one is
+        ``{"id", "video", "reason"}``.
+    """
+    kept, excluded = [], []
+    for record in records:
+        turns = record["conversations"]
+        try:
+            rows = video_tokens[record["video"]]
+            for end in range(len(turns), 0, -2):
+                ids, _ = tokenize_conversation(turns[:end], tokenizer, template, rows)
+                if len(ids) <= max_length:
+                    kept.append(record if end == len(turns) else
+                                {**record, "conversations": turns[:end], "dropped_turns": len(turns) - end})
+                    break
+            else:
+                raise ValueError(f"the video ({rows} tokens) and the first answer need {len(ids)} tokens, more than "
+                                 f"max_length {max_length}")
+        except (KeyError, ValueError) as exc:
+            reason = f"no features for {record['video']!r}" if isinstance(exc, KeyError) else str(exc)
+            excluded.append({"id": record["id"], "video": record["video"], "reason": reason})
+    return kept, excluded
 
 
 class InstructionDataset(Dataset):
@@ -27,15 +60,14 @@ class InstructionDataset(Dataset):
     ``N = T + S`` positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the feature rows in order.
 
     Args:
-        records: a JSON list of records, or its path.
-        max_length: longest sequence in tokens; longer ones are cut at the end (never inside the video span).
+        records: records that fit ``max_length`` (:func:`fit_records`), or their JSON file.
+        max_length: longest sequence in tokens.
     """
 
     def __init__(self, records: list[dict] | str | Path, tokenizer, template: Template, store: FeatureStore,
                  max_length: int):
         self.records = read_json(records) if isinstance(records, (str, Path)) else records
         self.tokenizer, self.template, self.store, self.max_length = tokenizer, template, store, max_length
-        self._warned: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -44,23 +76,14 @@ class InstructionDataset(Dataset):
         """Tokenize record ``index``.
 
         Raises:
-            ValueError: the video span does not fit in ``max_length`` (names the record and both lengths).
+            ValueError: the record is longer than ``max_length`` (it did not pass :func:`fit_records`).
         """
         record = self.records[index]
         features = torch.from_numpy(self.store.get(record["video"]))
         ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template, len(features))
         if len(ids) > self.max_length:
-            last_video = max((i for i, t in enumerate(ids) if t == VIDEO_TOKEN_INDEX), default=-1)
-            if last_video >= self.max_length:
-                raise ValueError(
-                    f"record {record['id']!r}: video tokens end at position {last_video + 1} > max_length "
-                    f"{self.max_length}; raise max_length or use fewer video tokens"
-                )
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if all(label == IGNORE_INDEX for label in labels) and record["id"] not in self._warned:
-                self._warned.add(record["id"])
-                log.warning("record %r: no answer token left after cutting to max_length %d; it adds no loss",
-                            record["id"], self.max_length)
+            raise ValueError(f"record {record['id']!r}: {len(ids)} tokens > max_length {self.max_length}; "
+                             "records must pass fit_records first")
         return {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),

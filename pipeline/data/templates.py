@@ -5,6 +5,10 @@ mask is exact by construction: there is no second pass that re-derives answer sp
 source of LLaVA's silent mismatch, where ``cur_len != total_len`` zeroes a whole sample's labels). Only the
 assistant's answers and their end-of-turn marker are trained; the system prompt, the user turns, the role
 headers, the video positions and the padding carry ``IGNORE_INDEX``.
+
+The formats follow the systems they come from (LLaVA ``llava/conversation.py``, E.T. Chat
+``etchat/conversation.py``); ``tokenizer`` uses the tokenizer's own chat template, cut into pieces by rendering
+the conversation one message at a time.
 """
 
 from __future__ import annotations
@@ -19,29 +23,43 @@ class Template:
     """A chat format.
 
     Attributes:
-        name: the config name (``chatml``, ``vicuna_v1``).
-        system: default system prompt; ``""`` renders no system block.
-        system_format: renders ``{content}`` = the system prompt (not trained).
+        name: the config name.
+        system: default system prompt; ``""`` renders none.
+        system_format: renders ``{content}`` = the system prompt before the first turn (not trained).
         user_format: renders a user turn ``{content}`` followed by the assistant header (not trained).
+        first_user_format: renders the first user turn when the system prompt goes inside it (``llama_2``);
+            ``{system}`` and ``{content}``. Empty: ``system_format`` then ``user_format``.
         assistant_format: renders an answer ``{content}`` with its end-of-turn marker (trained).
         assistant_sep: text after an answer before the next turn (not trained).
-        bos: start with the tokenizer's BOS token.
+        bos: start with the tokenizer's BOS token (not trained).
+        plain: LLaVA's pretraining format: the user turn is the video alone, its words are dropped.
         source: where the format comes from.
     """
 
     name: str
-    system: str
-    system_format: str
-    user_format: str
-    assistant_format: str
-    assistant_sep: str
-    bos: bool
-    source: str
+    system: str = ""
+    system_format: str = "{content}"
+    user_format: str = "{content}"
+    first_user_format: str = ""
+    assistant_format: str = "{content}"
+    assistant_sep: str = ""
+    bos: bool = False
+    plain: bool = False
+    source: str = ""
 
 
 TEMPLATES = {
     t.name: t
     for t in (
+        Template(
+            name="plain",
+            user_format="{content}",
+            assistant_format="{content}\n",
+            bos=True,
+            plain=True,
+            source="LLaVA llava/conversation.py conv_llava_plain + train.py preprocess_plain: '<image>' + caption + "
+                   "'\\n', the instruction dropped, the caption and its newline trained (E.T. Chat stage 1 too)",
+        ),
         Template(
             name="chatml",
             system="You are a helpful AI assistant that answers questions about videos.",
@@ -49,7 +67,6 @@ TEMPLATES = {
             user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
             assistant_format="{content}<|im_end|>",
             assistant_sep="\n",
-            bos=False,
             source="ChatML as in the chat templates of SmolLM2-Instruct and Qwen2 (tokenizer_config.json)",
         ),
         Template(
@@ -61,9 +78,32 @@ TEMPLATES = {
             system_format="{content} ",
             user_format="USER: {content} ASSISTANT:",
             assistant_format=" {content}</s>",
-            assistant_sep="",
             bos=True,
-            source="Video-ChatGPT video_chatgpt/video_conversation.py conv_video_chatgpt_v1 (LLaVA conv_vicuna_v1)",
+            source="LLaVA llava/conversation.py conv_vicuna_v1 (Video-ChatGPT's vicuna_v1_1)",
+        ),
+        Template(
+            name="llama_2",
+            system=(
+                "You are a helpful language and vision assistant. You are able to understand the visual content "
+                "that the user provides, and assist the user with a variety of tasks using natural language."
+            ),
+            first_user_format="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
+            user_format="<s>[INST] {content} [/INST]",
+            assistant_format=" {content} </s>",
+            bos=True,
+            source="LLaVA llava/conversation.py conv_llava_llama_2 (Video-LLaMA's llama_v2: Llama-2-chat)",
+        ),
+        Template(
+            name="phi3",
+            system="You are a helpful AI assistant.",
+            system_format="<|system|>\n{content}<|end|>",
+            user_format="\n<|user|>\n{content}<|end|>\n<|assistant|>\n",
+            assistant_format="{content}<|end|>",
+            source="E.T. Chat etchat/conversation.py phi3 (Phi-3-mini-4k-instruct)",
+        ),
+        Template(
+            name="tokenizer",
+            source="the tokenizer's own chat_template (apply_chat_template), rendered one message at a time",
         ),
     )
 }
@@ -92,6 +132,53 @@ def _encode(tokenizer, text: str, num_video_tokens: int) -> list[int]:
     return ids
 
 
+def _pieces(turns: list[dict], template: Template, system: str) -> list[tuple[str, bool]]:
+    """The text pieces of a conversation in a :class:`Template`'s format, each marked trained or not."""
+    pieces: list[tuple[str, bool]] = []
+    if system and not template.first_user_format:
+        pieces.append((template.system_format.format(content=system), False))
+    for i, turn in enumerate(turns):
+        if turn["from"] == "human":
+            content = VIDEO_TOKEN if template.plain and VIDEO_TOKEN in turn["value"] else turn["value"]
+            if i == 0 and template.first_user_format and system:
+                pieces.append((template.first_user_format.format(system=system, content=content), False))
+            else:
+                pieces.append((template.user_format.format(content=content), False))
+        else:
+            pieces.append((template.assistant_format.format(content=turn["value"]), True))
+            if template.assistant_sep and i + 1 < len(turns):
+                pieces.append((template.assistant_sep, False))
+    return pieces
+
+
+def _tokenizer_pieces(turns: list[dict], tokenizer, system: str | None) -> list[tuple[str, bool]]:
+    """Pieces of the tokenizer's own chat template: each message's share of the rendered text is the difference
+    between renderings of the conversation up to it and up to the one before (with the generation prompt before
+    an answer, so the assistant header belongs to the untrained side).
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or its renderings are not prefixes of each other (the
+            pieces, and so the mask, could not be exact).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'tokenizer': the tokenizer has no chat_template")
+    messages = [{"role": "system", "content": system}] if system else []
+    rendered, pieces = "", []
+    for turn in turns:
+        messages.append({"role": "user" if turn["from"] == "human" else "assistant", "content": turn["value"]})
+        if turn["from"] == "human":
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+            end = len(text) - len(text.rstrip("\n"))  # the newline after an answer opens the next turn
+            text = text[: len(text) - end]
+        if not text.startswith(rendered):
+            raise ValueError("template 'tokenizer': the chat template's renderings are not prefixes of each other")
+        pieces.append((text[len(rendered):], turn["from"] == "gpt"))
+        rendered = text
+    return pieces
+
+
 def tokenize_conversation(conversations: list[dict], tokenizer, template: Template, num_video_tokens: int,
                           system: str | None = None, for_generation: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels of a LLaVA conversation.
@@ -108,29 +195,25 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: Templa
         their end-of-turn markers.
 
     Raises:
-        ValueError: turns do not alternate human/gpt starting with human (names the turn).
+        ValueError: turns do not alternate human/gpt starting with human (names the turn), or the ``tokenizer``
+            template cannot be cut into exact pieces.
     """
     turns = conversations
     if for_generation and turns and turns[-1]["from"] == "gpt":
         turns = turns[:-1]
-    ids: list[int] = [tokenizer.bos_token_id] if template.bos and tokenizer.bos_token_id is not None else []
-    labels: list[int] = [IGNORE_INDEX] * len(ids)
-
-    def add(piece: list[int], trained: bool) -> None:
-        ids.extend(piece)
-        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
-
-    system = template.system if system is None else system
-    if system:
-        add(_encode(tokenizer, template.system_format.format(content=system), 0), False)
     for i, turn in enumerate(turns):
         expected = "human" if i % 2 == 0 else "gpt"
         if turn.get("from") != expected:
             raise ValueError(f"conversations[{i}].from: expected {expected!r}, got {turn.get('from')!r}")
-        if expected == "human":
-            add(_encode(tokenizer, template.user_format.format(content=turn["value"]), num_video_tokens), False)
-        else:
-            add(_encode(tokenizer, template.assistant_format.format(content=turn["value"]), 0), True)
-            if template.assistant_sep and i + 1 < len(turns):
-                add(_encode(tokenizer, template.assistant_sep, 0), False)
+    system = template.system if system is None else system
+    if template.name == "tokenizer":
+        pieces = _tokenizer_pieces(turns, tokenizer, system or None)
+    else:
+        pieces = _pieces(turns, template, system)
+    ids: list[int] = [tokenizer.bos_token_id] if template.bos and tokenizer.bos_token_id is not None else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    for text, trained in pieces:
+        piece = _encode(tokenizer, text, num_video_tokens)
+        ids.extend(piece)
+        labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
     return ids, labels

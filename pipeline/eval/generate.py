@@ -36,9 +36,10 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def evaluate(model_dir: str | Path, records_path: str | Path, index: str | Path, out_dir: str | Path,
+def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str | Path, out_dir: str | Path,
              max_new_tokens: int = 32, batch_size: int = 8) -> dict:
-    """Generate an answer to the last question of every record and score it against the record's answer
+    """Generate an answer to the last question of every record of ``records_paths`` (the datasets' val splits)
+    and score it against the record's answer
     (on a GPU in bfloat16 when one is available, else on the CPU in float32).
 
     Returns:
@@ -54,7 +55,7 @@ def evaluate(model_dir: str | Path, records_path: str | Path, index: str | Path,
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = get_template(meta["template"])
     store = FeatureStore(index)
-    records = read_json(records_path)
+    records = [record for path in records_paths for record in read_json(path)]
     predictions = []
     for first in range(0, len(records), batch_size):
         batch = records[first:first + batch_size]
@@ -73,7 +74,7 @@ def evaluate(model_dir: str | Path, records_path: str | Path, index: str | Path,
             })
         log.info("generated %d/%d", len(predictions), len(records))
     metrics = {**score([(p["prediction"], p["reference"]) for p in predictions]),
-               "model": str(model_dir), "records": str(records_path), "max_new_tokens": max_new_tokens}
+               "model": str(model_dir), "records": [str(p) for p in records_paths], "max_new_tokens": max_new_tokens}
     out_dir = Path(out_dir)
     with atomic_path(out_dir / "predictions.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions), encoding="utf-8")
@@ -84,10 +85,10 @@ def evaluate(model_dir: str | Path, records_path: str | Path, index: str | Path,
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.eval.generate --model DIR --records VAL.json --index I --out-dir D``."""
+    """``python -m pipeline.eval.generate --model DIR --records VAL.json... --index I --out-dir D``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a stage's model folder")
-    parser.add_argument("--records", required=True)
+    parser.add_argument("--records", required=True, nargs="+", help="the val splits")
     parser.add_argument("--index", required=True, help="the features index")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)

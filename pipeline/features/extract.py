@@ -39,7 +39,7 @@ from pipeline.video.frames import FrameSampling, read_frames
 
 log = logging.getLogger(__name__)
 
-COLUMNS = STATUS_COLUMNS + ["tokens", "dim", "frames"]
+COLUMNS = STATUS_COLUMNS + ["tokens", "dim", "frames", "duration"]
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,8 @@ def _loaded(rows: list[dict], config: FeatureConfig, prep: FramePrep):
 
 
 def extract_shard(rows: list[dict], out: str | Path, config: FeatureConfig, threads: int) -> list[dict]:
-    """Extract the features of ``rows`` (``video_id``, ``path``) into the shard file ``out``; return status rows.
+    """Extract the features of ``rows`` (``video_id``, ``path``, and ``duration`` in seconds, passed on to the status
+    rows) into the shard file ``out``; return status rows.
 
     Args:
         threads: CPU threads of the tower (on the CPU).
@@ -169,7 +170,7 @@ def extract_shard(rows: list[dict], out: str | Path, config: FeatureConfig, thre
         for row, item in _loaded(pending, config, current["encoder"].prep):
             current["item"] = item
             status[row["video_id"]] = process_row(task, row, partial)
-    ordered = [status[row["video_id"]] for row in rows]
+    ordered = [{**status[row["video_id"]], "duration": row.get("duration", "")} for row in rows]
     finished = [row for row in ordered if row["status"] == "ok"]
     dims = {int(row["dim"]) for row in finished} or {0}
     with ShardWriter(out, sum(int(row["tokens"]) for row in finished), max(dims), repr_config(config)) as writer:

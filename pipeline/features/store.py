@@ -13,8 +13,8 @@ Layout of a shard file (all datasets contiguous, uncompressed):
 
 One dataset per video would be the obvious layout, but reading it costs h5py about 0.3 ms a video, four times a
 pickle file; one contiguous dataset is memory-mapped by :class:`FeatureStore`, so a random read is a slice copy
-(``benchmarks/features.py``). The index (``index.tsv``: ``video_id, path, tokens, dim``) maps each video to its
-shard for random access during training.
+(``benchmarks/features.py``). The index (``index.tsv``: ``video_id, path, tokens, dim, duration`` in seconds)
+maps each video to its shard for random access during training.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.io import atomic_path, read_table, write_table
 
-INDEX_COLUMNS = ["video_id", "path", "tokens", "dim"]
+INDEX_COLUMNS = ["video_id", "path", "tokens", "dim", "duration"]
 
 
 class ShardWriter:
@@ -144,7 +144,7 @@ class _Shard:
 
 
 class FeatureStore:
-    """Random access to video features by id through ``index.tsv``.
+    """Random access to video features by id through ``index.tsv``; ``tokens`` maps each video to its row count N.
 
     Shard files are opened lazily and reopened in each process (a DataLoader worker forked after the first read
     gets its own handles and memory maps, never the parent's).
@@ -153,6 +153,7 @@ class FeatureStore:
     def __init__(self, index: str | Path):
         table = read_table(index)
         self.paths: dict[str, str] = dict(zip(table["video_id"], table["path"]))
+        self.tokens: dict[str, int] = {video: int(n) for video, n in zip(table["video_id"], table["tokens"])}
         self._shards: dict[str, _Shard] = {}
         self._pid = os.getpid()
 

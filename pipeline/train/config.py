@@ -166,7 +166,7 @@ def resolve_stage(config: dict, name: str, results: str = "results") -> dict:
         "name": name,
         "llm": config["llm"]["name_or_path"],
         "template": config["llm"]["template"],
-        "train_data": f"{results}/instructions/train.json",
+        "train_data": f"{results}/train/{name}/data.json",
         "features_index": f"{results}/features/index.tsv",
         "output_dir": f"{results}/train/{name}",
         "init": None if init is None else f"{results}/train/{init}/model",

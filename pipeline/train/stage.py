@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -26,10 +27,10 @@ import torch
 from transformers import AutoTokenizer, Trainer, TrainingArguments
 
 from pipeline import configure_logging
-from pipeline.data.dataset import InstructionDataset, VideoCollator
+from pipeline.data.dataset import InstructionDataset, VideoCollator, fit_records
 from pipeline.data.templates import get_template
 from pipeline.features.store import FeatureStore
-from pipeline.io import publish_dir, read_json, read_yaml, write_table, write_yaml
+from pipeline.io import atomic_path, publish_dir, read_json, read_yaml, write_table, write_yaml
 from pipeline.model.projector import build_projector
 from pipeline.model.video_llm import META, PROJECTOR_FILE, VideoLLM, load_llm, load_stage, save_stage
 from pipeline.train.config import StageConfig, stage_model_dir
@@ -166,7 +167,14 @@ def run_stage(config: StageConfig) -> None:
     tokenizer = AutoTokenizer.from_pretrained(read_json(Path(config.init) / META)["llm"] if config.init else config.llm)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = InstructionDataset(records, tokenizer, get_template(config.template), store, config.max_length)
+    template = get_template(config.template)
+    records, excluded = fit_records(records, tokenizer, template, config.max_length, store.tokens)
+    if excluded:
+        log.warning("stage %s: %d of %d records excluded (listed in model/excluded.jsonl), e.g. %s", config.name,
+                    len(excluded), len(records) + len(excluded), excluded[0]["reason"])
+    if not records:
+        raise ValueError(f"{config.train_data}: no record fits max_length {config.max_length}")
+    dataset = InstructionDataset(records, tokenizer, template, store, config.max_length)
     model, meta = build_model(config, feature_dim=store.get(records[0]["video"]).shape[1])
 
     args = TrainingArguments(
@@ -211,6 +219,8 @@ def run_stage(config: StageConfig) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         save_stage(trainer.accelerator.unwrap_model(trainer.model), tmp, meta, tokenizer)
         write_yaml(tmp / "stage.yaml", config.to_dict())
+        with atomic_path(tmp / "excluded.jsonl") as path:  # the records this stage could not train on, and why
+            path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in excluded), encoding="utf-8")
         publish_dir(tmp, final)
         rows = [{key: entry.get(key, "") for key in LOSS_COLUMNS} for entry in trainer.state.log_history
                 if "loss" in entry]

@@ -11,6 +11,7 @@ RESULTS = "results"
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
 STAGES = [stage["name"] for stage in config["stages"]]
+DATASETS = [dataset["name"] for dataset in config["instructions"]["datasets"]]
 EVAL_STAGE = config["evaluate"]["stage"] or STAGES[-1]
 STRICT = "--strict" if config["data"]["strict"] else ""
 SINGLE_PASS = config["compress"]["single_pass"]
@@ -25,6 +26,7 @@ if EVAL_STAGE not in STAGES:
 wildcard_constraints:
     shard=r"shard-\d+",
     stage="|".join(STAGES),
+    dataset="|".join(DATASETS),
 
 
 def shard_ids():
@@ -43,12 +45,33 @@ def stage_config(name):
     return config["stages"][STAGES.index(name)]
 
 
+def dataset_config(name):
+    """The dataset's entry of config["instructions"]["datasets"]."""
+    return config["instructions"]["datasets"][DATASETS.index(name)]
+
+
+def dataset_options(name):
+    """The dataset's converter options (pipeline.data.formats.Options) as a quoted JSON argument."""
+    keys = ("root", "labels", "images", "split", "video_placement")
+    return shlex.quote(json.dumps({key: dataset_config(name)[key] for key in keys}))
+
+
+def stage_mix(name):
+    """The stage's data mix: [{dataset, records, ratio, max_records}], every dataset whole when it names none."""
+    entries = stage_config(name).get("data") or [{"dataset": dataset} for dataset in DATASETS]
+    unknown = [entry["dataset"] for entry in entries if entry["dataset"] not in DATASETS]
+    if unknown:
+        raise ValueError(f"stages[{name}].data: unknown dataset(s) {unknown}; datasets are {DATASETS}")
+    return [{"ratio": 1.0, "max_records": None, **entry,
+             "records": f"{RESULTS}/instructions/{entry['dataset']}/train.json"} for entry in entries]
+
+
 def stage_inputs(name):
     """What a training stage reads besides its stage.yaml: the data, and the model it starts from."""
     init = stage_config(name).get("init")
     start = f"{RESULTS}/train/{init}/model" if init else local_llm()
     return {
-        "train": f"{RESULTS}/instructions/train.json",
+        "train": f"{RESULTS}/train/{name}/data.json",
         "index": f"{RESULTS}/features/index.tsv",
         **({"start": start} if start else {}),
     }

@@ -1,8 +1,8 @@
 rule evaluate:
-    """Answer the val split's questions with the evaluated stage; exact match and token F1, no paid API."""
+    """Answer the val splits' questions with the evaluated stage; exact match and token F1, no paid API."""
     input:
         model=f"{RESULTS}/train/{EVAL_STAGE}/model",
-        records=f"{RESULTS}/instructions/val.json",
+        records=expand(f"{RESULTS}/instructions/{{dataset}}/val.json", dataset=DATASETS),
         index=f"{RESULTS}/features/index.tsv",
     output:
         metrics=f"{RESULTS}/eval/metrics.json",

@@ -45,7 +45,8 @@ rule summary:
     input:
         unpack(status_tables),
         rejected=f"{RESULTS}/shards",
-        instructions=f"{RESULTS}/instructions/counts.json",
+        instructions=expand(f"{RESULTS}/instructions/{{dataset}}/counts.json", dataset=DATASETS),
+        mixes=expand(f"{RESULTS}/train/{{stage}}/data_counts.json", stage=STAGES),
         metrics=f"{RESULTS}/eval/metrics.json",
         predictions=f"{RESULTS}/eval/predictions.jsonl",
     output:
@@ -61,7 +62,8 @@ rule summary:
         "../../envs/train.yaml"
     shell:
         "python -m pipeline.report summary {params.stages} --manifest-rejected {input.rejected}/rejected.tsv"
-        " --instructions {input.instructions} --metrics {input.metrics} --predictions {input.predictions}"
+        " --instructions {input.instructions} --mixes {input.mixes} --metrics {input.metrics}"
+        " --predictions {input.predictions}"
         " --out {output} > {log} 2>&1"
 
 
