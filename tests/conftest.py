@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,49 @@ def copy_workflow(dest: Path) -> Path:
 def repo_copy(tmp_path) -> Path:
     """A working directory holding a copy of the workflow."""
     return copy_workflow(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def train_data(tmp_path_factory) -> Path:
+    """Four videos of random (T + S = 6, D = 8) features and 12 single-turn records (train.json, index.tsv)."""
+    import numpy as np
+
+    from pipeline.features.store import INDEX_COLUMNS, ShardWriter
+    from pipeline.io import write_json, write_table
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    videos = [f"v{i}" for i in range(4)]
+    with ShardWriter(root / "shard-00000.h5", rows=4 * 6, dim=8, attrs={"encoder": "test"}) as writer:
+        for video in videos:
+            writer.add(video, rng.standard_normal((6, 8)).astype(np.float16), "videochatgpt", 2, 4)
+    write_table(root / "index.tsv", [{"video_id": v, "path": str(root / "shard-00000.h5"), "tokens": 6, "dim": 8}
+                                     for v in videos], INDEX_COLUMNS)
+    records = [{"id": f"{v}_{j}", "video": v, "conversations": [
+        {"from": "human", "value": f"<video>\nQuestion {j}?"}, {"from": "gpt", "value": f"Answer {v}."}]}
+        for v in videos for j in range(3)]
+    write_json(root / "train.json", records)
+    return root
+
+
+def stage_settings(root: Path, llm_dir: Path, data: Path, name: str, **settings) -> dict:
+    """A StageConfig dict of a small CPU stage on ``data`` (:func:`train_data`) with DeepSpeed ZeRO-2."""
+    return {"name": name, "llm": str(llm_dir), "template": "chatml", "train_data": str(data / "train.json"),
+            "features_index": str(data / "index.tsv"), "output_dir": str(root / name), "epochs": 2,
+            "learning_rate": 1e-2, "batch_size": 4, "save_steps": 2, "max_length": 64,
+            "deepspeed": str(REPO / "config/deepspeed/zero2.json"), **settings}
+
+
+def run_stage_process(root: Path, config: dict, processes: int = 1, wait: bool = True):
+    """Run a stage as the workflow does (``python -m pipeline.train.launch``) in a new process group; return the
+    CompletedProcess, or the running Popen when ``wait`` is False."""
+    from pipeline.io import write_yaml
+
+    path = root / f"{config['name']}.yaml"
+    write_yaml(path, config)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "pipeline.train.launch", "--config", str(path), "--processes", str(processes)]
+    if not wait:
+        return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, start_new_session=True)
+    return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)

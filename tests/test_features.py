@@ -223,3 +223,20 @@ def test_pickled_features_import_only_when_trusted(tmp_path):
     store = _store(tmp_path / "s.h5", list(status.values()))
     assert np.array_equal(store.get("v_good"), good) and "v_short" not in store
     assert (store.info("v_good")["T"], store.info("v_good")["S"]) == (100, 256)
+
+
+def test_a_stage_takes_fewer_evenly_spaced_frames_of_per_frame_tokens(tmp_path):
+    from pipeline.features.store import INDEX_COLUMNS, ShardWriter
+
+    frames = np.arange(6 * 2 * 3, dtype=np.float16).reshape(6, 2, 3)  # T = 6 frames of S = 2 tokens, D = 3
+    pooled = np.ones((5, 3), dtype=np.float16)
+    with ShardWriter(tmp_path / "s.h5", rows=12 + 5, dim=3, attrs={}) as writer:
+        writer.add("per_frame", frames.reshape(12, 3), "frames", 6, 2)
+        writer.add("pooled", pooled, "videochatgpt", 3, 2)
+    write_table(tmp_path / "index.tsv", [{"video_id": v, "path": str(tmp_path / "s.h5"), "tokens": n, "dim": 3}
+                                         for v, n in (("per_frame", 12), ("pooled", 5))], INDEX_COLUMNS)
+    store = FeatureStore(tmp_path / "index.tsv")
+    assert np.array_equal(store.get("per_frame", 3), frames[[0, 2, 5]].reshape(6, 3))
+    assert store.rows("per_frame", 3) == 6 and store.rows("per_frame", 8) == store.rows("per_frame") == 12
+    assert np.array_equal(store.get("per_frame", 8), frames.reshape(12, 3))
+    assert np.array_equal(store.get("pooled", 1), pooled) and store.rows("pooled", 1) == 5  # not per frame: whole

@@ -7,7 +7,7 @@ from pipeline.data.templates import get_template, tokenize_conversation
 from pipeline.model.projector import build_projector
 from pipeline.model.video_llm import VideoLLM, load_llm
 from pipeline.train.config import StageConfig
-from pipeline.train.stage import build_model
+from pipeline.train.stage import _tokenizer, build_model
 
 
 def _stage(tiny_llm_dir, **kwargs):
@@ -69,30 +69,65 @@ def test_fit_records_drops_whole_trailing_turns_and_excludes_what_cannot_fit(tok
     assert whole == [record]
 
 
-def _grads(model, batch):
-    model.zero_grad()
-    model(**batch).loss.backward()
-    return {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-
-
-@pytest.mark.parametrize("llm_training, expected", [
-    ("frozen", lambda name: name.startswith("mm_projector.")),
-    ("lora", lambda name: name.startswith("mm_projector.") or ".lora_" in name),
-    ("full", lambda name: True),
+@pytest.mark.parametrize("llm_training, wrap, expected", [
+    ("frozen", False, lambda name: name.startswith("mm_projector.")),
+    ("frozen", True, lambda name: name.startswith(("mm_projector.", "extra_embeddings."))),
+    ("lora", False, lambda name: name.startswith("mm_projector.") or ".lora_" in name),
+    ("full", False, lambda name: True),
 ])
-def test_exactly_the_stage_parameters_train(tiny_llm_dir, llm_training, expected):
+def test_exactly_the_stage_parameters_receive_gradients_and_change(tiny_llm_dir, llm_training, wrap, expected):
     lora = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    config = _stage(tiny_llm_dir, llm_training=llm_training, lora=lora if llm_training == "lora" else None)
-    model, meta = build_model(config, feature_dim=6)
+    config = _stage(tiny_llm_dir, llm_training=llm_training, lora=lora if llm_training == "lora" else None,
+                    video_start_end=wrap)
+    tokenizer, base_vocab = _tokenizer(config)
+    assert len(tokenizer) == base_vocab + (2 if wrap else 0)
+    model, meta = build_model(config, 6, tokenizer, base_vocab)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in model.named_parameters() if expected(name)}
     if llm_training == "lora":  # LoRA B starts at zero, so A gets no gradient on the first step
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p)
-    batch = {"input_ids": torch.tensor([[VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, 5, 6, 7]]),
-             "labels": torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 6, 7]]),
+    start, end = tokenizer.convert_tokens_to_ids(["<vid_start>", "<vid_end>"]) if wrap else (5, 8)
+    batch = {"input_ids": torch.tensor([[start, VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, end, 5, 6, 7]]),
+             "labels": torch.tensor([[IGNORE_INDEX] * 5 + [6, 7]]),
              "video_features": torch.randn(2, 6)}
-    with_grad = _grads(model, batch)
-    assert with_grad <= trainable and {n for n in trainable if "mm_projector" in n} <= with_grad
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(**batch).loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert with_grad <= trainable and changed == with_grad
+    assert {n for n in trainable if n.startswith("mm_projector.")} <= changed
+    if llm_training == "lora":
+        assert {n for n in trainable if "lora_" in n} <= changed
+    if wrap:  # the added tokens train in their own table; the LLM's embedding matrix stays as it was
+        assert "extra_embeddings.weight" in changed
+        assert not any("embed_tokens" in name for name in changed)
     assert meta["llm_training"] == llm_training and meta["mm_hidden_size"] == 6 and meta["hidden_size"] == 32
+
+
+def test_a_llava_v1_checkpoint_gives_its_llama_and_its_mm_projector(tmp_path, tiny_llm_dir):
+    """Video-ChatGPT's start: LLaVA-Lightning-7B, a Llama checkpoint of model_type llava holding model.mm_projector."""
+    import json
+    import shutil
+
+    import safetensors.torch
+
+    llava = tmp_path / "llava"
+    shutil.copytree(tiny_llm_dir, llava)
+    weights = safetensors.torch.load_file(llava / "model.safetensors")
+    projector = {"model.mm_projector.weight": torch.randn(32, 6), "model.mm_projector.bias": torch.randn(32)}
+    safetensors.torch.save_file({**weights, **projector}, llava / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((llava / "config.json").read_text())
+    (llava / "config.json").write_text(json.dumps({**config, "model_type": "llava", "mm_hidden_size": 6,
+                                                   "architectures": ["LlavaLlamaForCausalLM"]}))
+    model, _ = build_model(_stage(llava, mm_projector_init=str(llava)), feature_dim=6)
+    assert torch.equal(model.mm_projector.weight, projector["model.mm_projector.weight"])
+    assert torch.equal(model.mm_projector.bias, projector["model.mm_projector.bias"])
+    assert torch.equal(model.llm.get_input_embeddings().weight, weights["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="does not fit this stage"):
+        build_model(_stage(llava, mm_projector_init=str(llava)), feature_dim=8)
+    with pytest.raises(ValueError, match="no mm_projector weights"):
+        build_model(_stage(tiny_llm_dir, mm_projector_init=str(tiny_llm_dir)), feature_dim=6)

@@ -1,56 +1,26 @@
-import os
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO
+from conftest import run_stage_process, stage_settings
 
 from pipeline.eval.generate import evaluate
-from pipeline.features.store import INDEX_COLUMNS, ShardWriter
-from pipeline.io import read_json, read_table, write_json, write_table, write_yaml
+from pipeline.io import read_json, read_table
 from pipeline.model.video_llm import load_llm, load_stage
 from pipeline.train.config import StageConfig, resolve_stage
 from pipeline.train.launch import build_command
 from pipeline.train.stage import _latest_checkpoint, build_model
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Four videos of random (T + S = 6, D = 8) features and 12 single-turn records."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    with ShardWriter(root / "shard-00000.h5", rows=4 * 6, dim=8, attrs={"encoder": "test"}) as writer:
-        for i in range(4):
-            writer.add(f"v{i}", rng.standard_normal((6, 8)).astype(np.float16), "videochatgpt", 2, 4)
-    videos = [f"v{i}" for i in range(4)]
-    write_table(root / "index.tsv", [{"video_id": v, "path": str(root / "shard-00000.h5"), "tokens": 6, "dim": 8}
-                                     for v in videos], INDEX_COLUMNS)
-    records = [{"id": f"{v}_{j}", "video": v, "conversations": [
-        {"from": "human", "value": f"<video>\nQuestion {j}?"}, {"from": "gpt", "value": f"Answer {v}."}]}
-        for v in videos for j in range(3)]
-    write_json(root / "train.json", records)
-    return root
-
-
 def _run_stage(root, tiny_llm_dir, data, name, **settings):
-    config = {"name": name, "llm": str(tiny_llm_dir), "template": "chatml", "train_data": str(data / "train.json"),
-              "features_index": str(data / "index.tsv"), "output_dir": str(root / name), "epochs": 2,
-              "learning_rate": 1e-2, "batch_size": 4, "save_steps": 2, "max_length": 64,
-              "deepspeed": str(REPO / "config/deepspeed/zero2.json"), **settings}
-    path = root / f"{name}.yaml"
-    write_yaml(path, config)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "pipeline.train.launch", "--config", str(path)], cwd=root, env=env,
-                          capture_output=True, text=True, timeout=600)
+    config = stage_settings(root, tiny_llm_dir, data, name, **settings)
+    done = run_stage_process(root, config)
     assert done.returncode == 0, done.stderr[-3000:]
     return StageConfig.from_dict(config), done.stderr
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory, tiny_llm_dir, data):
+def stages(tmp_path_factory, tiny_llm_dir, train_data):
+    data = train_data
     """Stage 1 (projector only) then stage 2 (projector + LoRA, from stage 1), each a real DeepSpeed ZeRO-2 run."""
     root = tmp_path_factory.mktemp("train")
     first, log1 = _run_stage(root, tiny_llm_dir, data, "stage1")
@@ -70,7 +40,10 @@ def test_stage_outputs_and_logs(stages):
         "adapter", "excluded.jsonl", "mm_projector.safetensors", "stage.yaml", "video_llm.json"]
     assert (model1 / "excluded.jsonl").read_text() == ""
     loss = read_table(root / "stage1" / "loss.tsv")
-    assert len(loss) == 6 and list(loss.columns) == ["step", "epoch", "loss", "learning_rate", "grad_norm"]
+    assert len(loss) == 6 and list(loss.columns) == ["step", "epoch", "loss", "learning_rate", "grad_norm",
+                                                     "tokens_per_second"]
+    assert (loss["tokens_per_second"].astype(float) > 0).all()
+    assert list((root / "stage1" / "tensorboard").glob("events.out.tfevents.*"))
     assert not (root / "stage1" / "checkpoints").exists()  # resume state goes once the stage is complete
     meta = read_json(root / "stage2" / "model" / "video_llm.json")
     assert meta["adapters"] == [str(root / "stage2" / "model" / "adapter")] and meta["llm_training"] == "lora"
@@ -91,7 +64,8 @@ def test_stage1_trains_the_projector_and_stage2_starts_from_it(stages, tiny_llm_
     assert not torch.allclose(trained2["weight"], trained1["weight"])
 
 
-def test_evaluate_writes_predictions_and_metrics(stages, data, tmp_path):
+def test_evaluate_writes_predictions_and_metrics(stages, train_data, tmp_path):
+    data = train_data
     root = stages[0]
     metrics = evaluate(root / "stage2" / "model", [data / "train.json"], data / "index.tsv", tmp_path,
                        max_new_tokens=4)
@@ -104,25 +78,32 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
     config = StageConfig(name="s", llm="x", template="chatml", train_data="t", features_index="i", output_dir="o")
     folder = tmp_path / "checkpoints"
     assert _latest_checkpoint(folder, config, clean=True) is None
-    (folder / "checkpoint-2").mkdir()
-    (folder / "checkpoint-10").mkdir()
+    for step in (2, 10, 12):
+        (folder / f"checkpoint-{step}").mkdir()
+        if step != 12:  # checkpoint-12: killed while being written
+            (folder / f"checkpoint-{step}" / "complete").touch()
     assert _latest_checkpoint(folder, config, clean=False).endswith("checkpoint-10")
+    assert _latest_checkpoint(folder, config, clean=True).endswith("checkpoint-10")
+    assert not (folder / "checkpoint-12").exists()
     changed = StageConfig(**{**config.to_dict(), "learning_rate": 1.0})
     assert _latest_checkpoint(folder, changed, clean=True) is None
     assert not (folder / "checkpoint-10").exists()
 
 
 def test_launch_commands():
-    assert build_command("s.yaml", 0, 1, python="py") == ["py", "-m", "pipeline.train.stage", "--config", "s.yaml"]
+    stage = ["-m", "pipeline.train.stage", "--config", "s.yaml"]
+    assert build_command("s.yaml", 0, 1, python="py") == ["py", *stage]  # CPU
+    assert build_command("s.yaml", 1, 1, python="py") == ["py", *stage]  # 1 x 1 GPU
     assert build_command("s.yaml", 8, 1, python="py") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8",
-        "-m", "pipeline.train.stage", "--config", "s.yaml"]
-    assert build_command("s.yaml", 8, 4, head_node="gpu001", job_id="42", python="py") == [
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8", *stage]  # 1 x 8
+    assert build_command("s.yaml", 8, 4, head_node="gpu001", job_id="42", python="py") == [  # 4 x 8
         "srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
         "py", "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes", "4", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", "gpu001:29500", "--rdzv_id", "42", "-m", "pipeline.train.stage", "--config", "s.yaml"]
-    with pytest.raises(ValueError, match="several nodes need GPUs"):
-        build_command("s.yaml", 0, 2)
+        "--rdzv_endpoint", "gpu001:29500", "--rdzv_id", "42", *stage]
+    assert build_command("s.yaml", 0, 1, python="py", processes=2) == [  # two CPU processes (gloo)
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *stage]
+    with pytest.raises(ValueError, match="rendezvous host"):
+        build_command("s.yaml", 8, 2)
 
 
 def test_resolve_stage_from_the_workflow_config():

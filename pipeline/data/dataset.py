@@ -6,7 +6,6 @@ limit; the dataset then tokenizes lazily, per ``__getitem__``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +18,8 @@ from pipeline.io import read_json
 
 
 def fit_records(records: list[dict], tokenizer, template: Template, max_length: int,
-                video_tokens: dict[str, int]) -> tuple[list[dict], list[dict]]:
+                video_tokens: dict[str, int], video_wrap: tuple[int, int] | None = None
+                ) -> tuple[list[dict], list[dict]]:
     """The records as they fit in ``max_length`` tokens, and the ones that cannot, with the reason.
 
     A record longer than ``max_length`` loses whole trailing question/answer pairs until it fits (its kept
@@ -28,6 +28,7 @@ def fit_records(records: list[dict], tokenizer, template: Template, max_length: 
 
     Args:
         video_tokens: ``video_id -> N``, the rows of each video's features (the index's ``tokens``).
+        video_wrap: see :func:`tokenize_conversation`.
 
     Returns:
         ``(kept, excluded)``; a shortened record gets ``"dropped_turns"``, an excluded one is
@@ -39,7 +40,7 @@ def fit_records(records: list[dict], tokenizer, template: Template, max_length: 
         try:
             rows = video_tokens[record["video"]]
             for end in range(len(turns), 0, -2):
-                ids, _ = tokenize_conversation(turns[:end], tokenizer, template, rows)
+                ids, _ = tokenize_conversation(turns[:end], tokenizer, template, rows, video_wrap=video_wrap)
                 if len(ids) <= max_length:
                     kept.append(record if end == len(turns) else
                                 {**record, "conversations": turns[:end], "dropped_turns": len(turns) - end})
@@ -62,12 +63,15 @@ class InstructionDataset(Dataset):
     Args:
         records: records that fit ``max_length`` (:func:`fit_records`), or their JSON file.
         max_length: longest sequence in tokens.
+        video_wrap: see :func:`tokenize_conversation`.
+        max_frames: see :meth:`FeatureStore.get`.
     """
 
     def __init__(self, records: list[dict] | str | Path, tokenizer, template: Template, store: FeatureStore,
-                 max_length: int):
+                 max_length: int, video_wrap: tuple[int, int] | None = None, max_frames: int | None = None):
         self.records = read_json(records) if isinstance(records, (str, Path)) else records
         self.tokenizer, self.template, self.store, self.max_length = tokenizer, template, store, max_length
+        self.video_wrap, self.max_frames = video_wrap, max_frames
 
     def __len__(self) -> int:
         return len(self.records)
@@ -79,27 +83,31 @@ class InstructionDataset(Dataset):
             ValueError: the record is longer than ``max_length`` (it did not pass :func:`fit_records`).
         """
         record = self.records[index]
-        features = torch.from_numpy(self.store.get(record["video"]))
-        ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template, len(features))
+        features = torch.from_numpy(self.store.get(record["video"], self.max_frames))
+        ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template, len(features),
+                                            video_wrap=self.video_wrap)
         if len(ids) > self.max_length:
             raise ValueError(f"record {record['id']!r}: {len(ids)} tokens > max_length {self.max_length}; "
                              "records must pass fit_records first")
         return {
+            "id": record["id"],
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "video_features": features,
         }
 
 
-@dataclass
 class VideoCollator:
     """Pads a batch on the right: ``input_ids`` with ``pad_token_id``, ``labels`` with ``IGNORE_INDEX``.
 
     Returns ``input_ids`` ``(B, L)``, ``labels`` ``(B, L)``, ``attention_mask`` ``(B, L)`` int64 and
-    ``video_features`` ``(sum N_i, D)``: every sample's rows, concatenated in batch order.
+    ``video_features`` ``(sum N_i, D)``: every sample's rows, concatenated in batch order. With ``trace`` it
+    appends each batch's record ids to that file (one line a batch: the data order, to check a resumed run against
+    an uninterrupted one).
     """
 
-    pad_token_id: int
+    def __init__(self, pad_token_id: int, trace: str | Path | None = None):
+        self.pad_token_id, self.trace = pad_token_id, trace
 
     def __call__(self, batch: list[dict]) -> dict:
         length = max(len(item["input_ids"]) for item in batch)
@@ -109,6 +117,9 @@ class VideoCollator:
         for i, item in enumerate(batch):
             n = len(item["input_ids"])
             input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = item["input_ids"], item["labels"], 1
+        if self.trace is not None:
+            with open(self.trace, "a", encoding="utf-8") as handle:
+                handle.write(" ".join(item["id"] for item in batch) + "\n")
         return {
             "input_ids": input_ids,
             "labels": labels,

@@ -121,12 +121,14 @@ def get_template(name: str) -> Template:
         raise ValueError(f"unknown chat template {name!r}; known: {sorted(TEMPLATES)}") from None
 
 
-def _encode(tokenizer, text: str, num_video_tokens: int) -> list[int]:
-    """Token ids of ``text`` with each ``<video>`` replaced by ``num_video_tokens`` ``VIDEO_TOKEN_INDEX`` ids."""
+def _encode(tokenizer, text: str, num_video_tokens: int, video_wrap: tuple[int, int] | None = None) -> list[int]:
+    """Token ids of ``text`` with each ``<video>`` replaced by ``num_video_tokens`` ``VIDEO_TOKEN_INDEX`` ids
+    (between the ``video_wrap`` token ids, when given)."""
     ids: list[int] = []
     for i, part in enumerate(text.split(VIDEO_TOKEN)):
         if i:
-            ids.extend([VIDEO_TOKEN_INDEX] * num_video_tokens)
+            video = [VIDEO_TOKEN_INDEX] * num_video_tokens
+            ids.extend([video_wrap[0], *video, video_wrap[1]] if video_wrap else video)
         if part:
             ids.extend(tokenizer(part, add_special_tokens=False)["input_ids"])
     return ids
@@ -180,7 +182,8 @@ def _tokenizer_pieces(turns: list[dict], tokenizer, system: str | None) -> list[
 
 
 def tokenize_conversation(conversations: list[dict], tokenizer, template: Template, num_video_tokens: int,
-                          system: str | None = None, for_generation: bool = False) -> tuple[list[int], list[int]]:
+                          system: str | None = None, for_generation: bool = False,
+                          video_wrap: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
     """Token ids and labels of a LLaVA conversation.
 
     Args:
@@ -189,6 +192,7 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: Templa
         num_video_tokens: rows of the video's features (T + S); each ``<video>`` becomes that many positions.
         system: system prompt; ``None`` uses the template's.
         for_generation: drop a trailing ``gpt`` turn, so the ids end with the assistant header (a prompt).
+        video_wrap: ids of the tokens around the video positions (Video-ChatGPT's ``<vid_start>``/``<vid_end>``).
 
     Returns:
         ``input_ids`` and ``labels``, equal length; ``labels`` is ``IGNORE_INDEX`` everywhere but the answers and
@@ -213,7 +217,7 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: Templa
     ids: list[int] = [tokenizer.bos_token_id] if template.bos and tokenizer.bos_token_id is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     for text, trained in pieces:
-        piece = _encode(tokenizer, text, num_video_tokens)
+        piece = _encode(tokenizer, text, num_video_tokens, video_wrap)
         ids.extend(piece)
         labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
     return ids, labels

@@ -51,7 +51,8 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, meta = load_stage(model_dir, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(meta["llm"])
+    tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer", meta["llm"]))
+    wrap = tuple(tokenizer.convert_tokens_to_ids(["<vid_start>", "<vid_end>"])) if meta.get("video_start_end") else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = get_template(meta["template"])
     store = FeatureStore(index)
@@ -59,9 +60,9 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
     predictions = []
     for first in range(0, len(records), batch_size):
         batch = records[first:first + batch_size]
-        features = [torch.from_numpy(store.get(r["video"])) for r in batch]
-        prompts = [tokenize_conversation(r["conversations"], tokenizer, template, len(f), for_generation=True)[0]
-                   for r, f in zip(batch, features)]
+        features = [torch.from_numpy(store.get(r["video"], meta.get("max_frames"))) for r in batch]
+        prompts = [tokenize_conversation(r["conversations"], tokenizer, template, len(f), for_generation=True,
+                                         video_wrap=wrap)[0] for r, f in zip(batch, features)]
         ids, mask = left_pad(prompts, pad_id)
         out = model.generate(ids.to(device), mask.to(device), torch.cat(features).to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,

@@ -134,6 +134,8 @@ class _Shard:
         self.file = h5py.File(path, "r")
         self.rows = {video: i for i, video in enumerate(self.file["video_ids"].asstr()[()])}
         self.offsets = self.file["offsets"][()]
+        self.per_frame = self.file["layout"].asstr()[()] == "frames"
+        self.t, self.s = self.file["T"][()], self.file["S"][()]
         features = self.file["features"]
         offset = features.id.get_offset()
         if offset is None or features.chunks is not None or features.compression is not None:
@@ -172,14 +174,43 @@ class FeatureStore:
             shard = self._shards[path] = _Shard(path)
         return shard, shard.rows[video_id]
 
-    def get(self, video_id: str) -> np.ndarray:
+    def get(self, video_id: str, max_frames: int | None = None) -> np.ndarray:
         """The ``(N, D)`` float16 tokens of ``video_id`` (a copy).
+
+        Args:
+            max_frames: with the ``frames`` layout, keep at most this many frames, evenly spaced (a stage that
+                trains on fewer frames than were cached: VideoChat-Flash's 4 and 8-frame stages); N becomes
+                ``min(T, max_frames) * S``. Other layouts are returned whole.
 
         Raises:
             KeyError: the video is not in the index.
         """
         shard, row = self._shard(video_id)
-        return np.array(shard.tokens[shard.offsets[row]:shard.offsets[row + 1]])
+        tokens = shard.tokens[shard.offsets[row]:shard.offsets[row + 1]]
+        kept = self._kept_frames(shard, row, max_frames)
+        if kept is None:
+            return np.array(tokens)
+        return np.ascontiguousarray(tokens.reshape(int(shard.t[row]), int(shard.s[row]), -1)[kept]).reshape(
+            -1, tokens.shape[1])
+
+    def rows(self, video_id: str, max_frames: int | None = None) -> int:
+        """N, the rows :meth:`get` returns for ``video_id`` with ``max_frames``.
+
+        Raises:
+            KeyError: the video is not in the index.
+        """
+        if max_frames is None:
+            return self.tokens[video_id]
+        shard, row = self._shard(video_id)
+        kept = self._kept_frames(shard, row, max_frames)
+        return self.tokens[video_id] if kept is None else len(kept) * int(shard.s[row])
+
+    @staticmethod
+    def _kept_frames(shard: _Shard, row: int, max_frames: int | None) -> np.ndarray | None:
+        """The evenly spaced frames kept of a ``frames``-layout video with more than ``max_frames``, else None."""
+        if max_frames is None or not shard.per_frame[row] or shard.t[row] <= max_frames:
+            return None
+        return np.round(np.linspace(0, shard.t[row] - 1, max_frames)).astype(np.int64)
 
     def info(self, video_id: str) -> dict:
         """How the tokens of ``video_id`` are laid out: ``layout``, ``T``, ``S``, ``frame_indices``,

@@ -2,14 +2,18 @@
 
 The positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the projected feature rows in order (LLaVA's
 ``prepare_inputs_labels_for_multimodal``, without re-deriving labels: the dataset already masks those positions).
+Tokens a recipe adds to the vocabulary (Video-ChatGPT's ``<vid_start>``/``<vid_end>``) get their own small
+embedding table, ``extra_embeddings``, so that training them never touches the LLM's embedding matrix.
 
 A stage's model folder holds ``mm_projector.safetensors``, ``video_llm.json`` (what to load: the LLM, the LoRA
-adapters merged into it in order, the projector's shape), and ``adapter/`` (a PEFT LoRA adapter) or ``llm/`` (a
-full LLM with its tokenizer) when the stage trained them.
+adapters merged into it in order, the projector's shape, the tokenizer), ``adapter/`` (a PEFT LoRA adapter) or
+``llm/`` (a full LLM with its tokenizer) when the stage trained them, and ``extra_embeddings.safetensors`` with
+``tokenizer/`` when the vocabulary grew.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 META = "video_llm.json"
 PROJECTOR_FILE = "mm_projector.safetensors"
+EXTRA_FILE = "extra_embeddings.safetensors"
 
 
 def attention_implementation() -> str:
@@ -41,12 +46,17 @@ class VideoLLM(nn.Module):
     Args:
         llm: a ``transformers`` causal LM (or a PEFT model wrapping one).
         mm_projector: maps ``(N, D_vision)`` feature rows to ``(N, hidden_size)``.
+        extra_embeddings: embeddings of the tokens added to the vocabulary, ids ``base_vocab`` and up.
+        base_vocab: the tokenizer's size before tokens were added.
     """
 
-    def __init__(self, llm: nn.Module, mm_projector: nn.Module):
+    def __init__(self, llm: nn.Module, mm_projector: nn.Module, extra_embeddings: nn.Embedding | None = None,
+                 base_vocab: int | None = None):
         super().__init__()
         self.llm = llm
         self.mm_projector = mm_projector
+        self.extra_embeddings = extra_embeddings
+        self.base_vocab = base_vocab
 
     @property
     def config(self):
@@ -67,7 +77,14 @@ class VideoLLM(nn.Module):
             ValueError: the number of video positions differs from the number of feature rows.
         """
         is_video = input_ids == VIDEO_TOKEN_INDEX
-        embeds = self.llm.get_input_embeddings()(input_ids.masked_fill(is_video, 0))
+        is_extra = input_ids >= self.base_vocab if self.extra_embeddings is not None else None
+        base_ids = input_ids.masked_fill(is_video, 0)
+        if is_extra is not None:
+            base_ids = base_ids.masked_fill(is_extra, 0)
+        embeds = self.llm.get_input_embeddings()(base_ids)
+        if is_extra is not None and is_extra.any():
+            extra = self.extra_embeddings(input_ids[is_extra] - self.base_vocab).to(embeds.dtype)
+            embeds = embeds.masked_scatter(is_extra.unsqueeze(-1), extra)
         count = int(is_video.sum())
         rows = 0 if video_features is None else video_features.shape[0]
         if count != rows:
@@ -91,27 +108,79 @@ class VideoLLM(nn.Module):
         embeds = self.embed(input_ids, video_features)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        """Checkpoint the LLM's layers (the HF Trainer calls this when ``gradient_checkpointing`` is set)."""
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """Checkpoint the LLM's layers (the HF Trainer calls this when ``gradient_checkpointing`` is set; ``kwargs``
+        such as ``every_n_layers`` go to the LLM's own method); the inputs require grad so that a frozen embedding
+        does not cut the graph to the projector."""
+        self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        self.llm.enable_input_require_grads()
+
+
+def gathered(*params: nn.Parameter):
+    """Context in which parameters partitioned by DeepSpeed ZeRO-3 hold their full values (no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params))
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _unpartitioned_loading():
+    """Load weights whole even when a ZeRO-3 config is active: merging LoRA adapters needs the full matrices.
+    The DeepSpeed engine partitions the merged model when training starts."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+LLAVA_V1_ARCHITECTURES = {"LlavaLlamaForCausalLM", "VideoChatGPTLlamaForCausalLM"}
+
+
+def _llava_v1_config(name_or_path: str):
+    """A ``LlamaConfig`` for an original LLaVA-v1 checkpoint (``model_type: llava``, architecture
+    ``LlavaLlamaForCausalLM``: a Llama whose weights also hold ``model.mm_projector``), which the Auto classes map
+    to another model; None for any other checkpoint."""
+    from transformers import LlamaConfig, PretrainedConfig
+
+    config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    if set(config.get("architectures") or ()) & LLAVA_V1_ARCHITECTURES:
+        log.info("%s: a LLaVA-v1 checkpoint, loaded as its Llama (the mm_projector weights are read apart)",
+                 name_or_path)
+        return LlamaConfig.from_dict({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    return None
 
 
 def load_llm(name_or_path: str, dtype: torch.dtype, adapters: list[str] = ()) -> nn.Module:
-    """Load a causal LM by hub name or local folder and merge the given LoRA adapter folders into it, in order."""
+    """Load a causal LM by hub name or local folder and merge the given LoRA adapter folders into it, in order.
+
+    Original LLaVA-v1 checkpoints (LLaVA-Lightning-7B, Video-ChatGPT's start) load as the Llama they contain.
+    Under an active ZeRO-3 config (``TrainingArguments`` made first) the weights load partitioned across ranks,
+    except when adapters must be merged: then each rank loads them whole, merges, and DeepSpeed partitions later.
+    """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     attn = attention_implementation()
     log.info("loading %s (%s, attention %s)", name_or_path, dtype, attn)
-    llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn)
-    for adapter in adapters:
-        log.info("merging LoRA adapter %s", adapter)
-        llm = PeftModel.from_pretrained(llm, adapter).merge_and_unload()
+    llava_v1 = _llava_v1_config(name_or_path)
+    with _unpartitioned_loading() if adapters else contextlib.nullcontext():
+        llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn,
+                                                   **({"config": llava_v1} if llava_v1 else {}))
+        for adapter in adapters:
+            log.info("merging LoRA adapter %s", adapter)
+            llm = PeftModel.from_pretrained(llm, adapter).merge_and_unload()
     return llm
 
 
 def load_stage(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[VideoLLM, dict]:
-    """Load a stage's model folder: the LLM with every adapter merged, and the trained ``mm_projector``.
+    """Load a stage's model folder: the LLM with every adapter merged, the trained ``mm_projector`` and any
+    embeddings of added tokens.
 
     Returns:
         The model (eval mode) and the folder's ``video_llm.json``.
@@ -121,24 +190,41 @@ def load_stage(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tup
     llm = load_llm(meta["llm"], dtype, meta["adapters"])
     projector = build_projector(meta["mm_projector_type"], meta["mm_hidden_size"], meta["hidden_size"])
     projector.load_state_dict(safetensors.torch.load_file(model_dir / PROJECTOR_FILE))
-    return VideoLLM(llm, projector.to(dtype)).eval(), meta
+    extra = None
+    if meta.get("extra_embeddings"):
+        weight = safetensors.torch.load_file(Path(meta["extra_embeddings"]))["weight"]
+        extra = nn.Embedding.from_pretrained(weight.to(dtype), freeze=False)
+    return VideoLLM(llm, projector.to(dtype), extra, meta.get("base_vocab")).eval(), meta
 
 
-def save_stage(model: VideoLLM, out_dir: str | Path, meta: dict, tokenizer=None) -> None:
+def save_stage(model: VideoLLM, out_dir: str | Path, meta: dict, tokenizer=None,
+               state_dict: dict | None = None) -> None:
     """Write a stage's model folder (see the module docstring) from ``model`` as trained.
 
     Args:
         meta: the ``video_llm.json`` content; its ``llm_training`` (``frozen``, ``lora`` or ``full``) decides
-            whether ``adapter/`` or ``llm/`` (with ``tokenizer``) is written.
+            whether ``adapter/`` or ``llm/`` (with ``tokenizer``) is written, ``extra_embeddings`` whether the
+            added tokens' embeddings and the tokenizer are.
+        state_dict: the model's weights when the module's own are not whole (DeepSpeed ZeRO-3 partitions them: the
+            Trainer gathers them in 16 bit); default ``model.state_dict()``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.mm_projector.state_dict().items()}
-    safetensors.torch.save_file(state, out_dir / PROJECTOR_FILE)
+    state = model.state_dict() if state_dict is None else state_dict
+
+    def part(prefix: str) -> dict:
+        return {k[len(prefix):]: v.detach().float().cpu().contiguous() for k, v in state.items()
+                if k.startswith(prefix)}
+
+    safetensors.torch.save_file(part("mm_projector."), out_dir / PROJECTOR_FILE)
+    llm_state = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
     if meta["llm_training"] == "lora":
-        model.llm.save_pretrained(out_dir / "adapter")
+        model.llm.save_pretrained(out_dir / "adapter", state_dict=llm_state)
     elif meta["llm_training"] == "full":
-        model.llm.save_pretrained(out_dir / "llm")
+        model.llm.save_pretrained(out_dir / "llm", state_dict=llm_state)
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir / "llm")
+    if meta.get("extra_embeddings"):
+        safetensors.torch.save_file(part("extra_embeddings."), out_dir / EXTRA_FILE)
+        tokenizer.save_pretrained(out_dir / "tokenizer")
     write_json(out_dir / META, meta)

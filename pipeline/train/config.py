@@ -51,6 +51,8 @@ class StageConfig:
         output_dir: the stage's folder (``model/``, ``loss.tsv``, ``checkpoints/``).
         init: a previous stage's ``model/`` folder to start from; None starts from ``llm`` with a new projector.
         mm_projector_type: ``linear`` or ``mlp2x_gelu`` (ignored with ``init``: the projector is inherited).
+        mm_projector_init: a LLaVA checkpoint (folder, hub name or weight file) whose ``mm_projector`` weights the
+            new projector starts from (Video-ChatGPT: LLaVA-Lightning-7B's); ignored with ``init``.
         train_mm_projector: whether the projector trains.
         llm_training: ``frozen``, ``lora`` (adapters on ``lora.target_modules``) or ``full``.
         lora: LoRA settings when ``llm_training`` is ``lora``.
@@ -69,6 +71,11 @@ class StageConfig:
         seed: seed of initialisation and data order.
         dataloader_workers: DataLoader worker processes.
         deepspeed: a DeepSpeed JSON config (``config/deepspeed/zero2.json``) or None.
+        video_start_end: wrap the video positions in ``<vid_start>``/``<vid_end>``, tokens added to the vocabulary
+            whose embeddings train with the projector (Video-ChatGPT's ``--mm_use_vid_start_end``).
+        trace_batches: append each batch's record ids to ``<output_dir>/batches.log`` (the data order).
+        max_frames: train on at most this many of each video's cached frames, evenly spaced (``frames`` pooling
+            only; VideoChat-Flash's stages on 4 and 8 frames reuse the features cached for its long-video stages).
     """
 
     name: str
@@ -79,6 +86,7 @@ class StageConfig:
     output_dir: str
     init: str | None = None
     mm_projector_type: str = "linear"
+    mm_projector_init: str | None = None
     train_mm_projector: bool = True
     llm_training: str = "frozen"
     lora: LoraSettings | None = None
@@ -97,6 +105,9 @@ class StageConfig:
     seed: int = 0
     dataloader_workers: int = 0
     deepspeed: str | None = None
+    video_start_end: bool = False
+    trace_batches: bool = False
+    max_frames: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -114,6 +125,8 @@ class StageConfig:
             problems.append("nothing trains: train_mm_projector is false and llm_training is 'frozen'")
         if self.lr_scheduler not in SCHEDULERS:
             problems.append(f"lr_scheduler: {self.lr_scheduler!r} is not one of {SCHEDULERS}")
+        if self.max_frames is not None and self.max_frames < 1:
+            problems.append(f"max_frames: must be >= 1, got {self.max_frames}")
         for key in ("batch_size", "gradient_accumulation_steps", "max_length", "save_steps", "logging_steps"):
             if getattr(self, key) < 1:
                 problems.append(f"{key}: must be >= 1, got {getattr(self, key)}")
@@ -142,7 +155,7 @@ class StageConfig:
 STAGE_HYPERPARAMETERS = (
     "epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "warmup_ratio",
     "lr_scheduler", "weight_decay", "bf16", "gradient_checkpointing", "save_steps", "logging_steps", "seed",
-    "dataloader_workers", "deepspeed",
+    "dataloader_workers", "deepspeed", "video_start_end", "trace_batches", "max_frames",
 )
 
 
@@ -165,12 +178,13 @@ def resolve_stage(config: dict, name: str, results: str = "results") -> dict:
     resolved = {
         "name": name,
         "llm": config["llm"]["name_or_path"],
-        "template": config["llm"]["template"],
+        "template": stage.get("template") or config["llm"]["template"],
         "train_data": f"{results}/train/{name}/data.json",
         "features_index": f"{results}/features/index.tsv",
         "output_dir": f"{results}/train/{name}",
         "init": None if init is None else f"{results}/train/{init}/model",
         "mm_projector_type": config["model"]["mm_projector_type"],
+        "mm_projector_init": config["model"].get("mm_projector_init"),
         "train_mm_projector": stage["train"]["mm_projector"],
         "llm_training": stage["train"]["llm"],
         "lora": stage.get("lora") if stage["train"]["llm"] == "lora" else None,

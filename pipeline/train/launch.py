@@ -1,7 +1,7 @@
 """Start the processes of a training stage: one per GPU across the job's nodes, or one on the CPU.
 
-- no GPU: ``python -m pipeline.train.stage`` (one process; DeepSpeed runs on the CPU with gloo);
-- one node: ``torchrun --standalone --nproc_per_node <gpus>``;
+- one process: ``python -m pipeline.train.stage`` (on the CPU DeepSpeed runs with gloo);
+- one node: ``torchrun --standalone --nproc_per_node <gpus>`` (or ``<processes>`` CPU processes, gloo);
 - several nodes (inside a SLURM allocation): ``srun`` starts one ``torchrun`` per node, which starts one process
   per GPU, all meeting at a c10d rendezvous on the allocation's first node.
 
@@ -25,7 +25,7 @@ RDZV_PORT = 29500
 
 
 def build_command(config: str, gpus: int, nodes: int, head_node: str | None = None, job_id: str = "stage",
-                  python: str = sys.executable) -> list[str]:
+                  python: str = sys.executable, processes: int | None = None) -> list[str]:
     """The command line that runs stage ``config`` on ``nodes`` nodes with ``gpus`` GPUs each.
 
     Args:
@@ -33,18 +33,19 @@ def build_command(config: str, gpus: int, nodes: int, head_node: str | None = No
         nodes: nodes in the allocation.
         head_node: host of the rendezvous for several nodes (the allocation's first node).
         job_id: rendezvous id (the SLURM job id), shared by all nodes of the job.
+        processes: processes per node (default: one per GPU, or one on the CPU; several CPU processes train
+            with the gloo backend).
 
     Raises:
-        ValueError: several nodes without GPUs or without ``head_node``, or counts below their minimum.
+        ValueError: several nodes without ``head_node``, or counts below their minimum.
     """
     stage = ["-m", "pipeline.train.stage", "--config", config]
-    if gpus < 0 or nodes < 1:
-        raise ValueError(f"need gpus >= 0 and nodes >= 1, got gpus={gpus}, nodes={nodes}")
-    if gpus == 0:
-        if nodes > 1:
-            raise ValueError("several nodes need GPUs: set the stage's resources.gpus")
+    processes = processes or max(gpus, 1)
+    if gpus < 0 or nodes < 1 or processes < 1:
+        raise ValueError(f"need gpus >= 0, nodes >= 1 and processes >= 1, got {gpus}, {nodes}, {processes}")
+    if processes == 1 and nodes == 1:
         return [python, *stage]
-    torchrun = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus)]
+    torchrun = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
     if nodes == 1:
         return [*torchrun[:3], "--standalone", *torchrun[3:], *stage]
     if not head_node:
@@ -71,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True)
     parser.add_argument("--gpus", type=int, default=0, help="GPUs per node")
     parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=0, help="processes per node (0: one per GPU, or one)")
     args = parser.parse_args(argv)
     head = slurm_head_node() if args.nodes > 1 else None
-    command = build_command(args.config, args.gpus, args.nodes, head, os.environ.get("SLURM_JOB_ID", "stage"))
+    command = build_command(args.config, args.gpus, args.nodes, head, os.environ.get("SLURM_JOB_ID", "stage"),
+                            processes=args.processes or None)
     log.info("launching: %s", shlex.join(command))
     sys.stdout.flush()
     sys.stderr.flush()

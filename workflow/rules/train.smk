@@ -52,6 +52,7 @@ for _stage in config["stages"]:
         params:
             gpus=_stage["resources"]["gpus"],
             nodes=_stage["resources"]["nodes"],
+            processes=_stage["resources"]["processes"] or 0,
         threads: _stage["resources"]["cpus"]
         resources:
             gpu=_stage["resources"]["gpus"],
@@ -66,4 +67,4 @@ for _stage in config["stages"]:
             "../../envs/train.yaml"
         shell:
             "python -m pipeline.train.launch --config {input.config} --gpus {params.gpus} --nodes {params.nodes}"
-            " > {log} 2>&1"
+            " --processes {params.processes} > {log} 2>&1"
