@@ -167,14 +167,16 @@ class VideoLLMTrainer(Trainer):
         self._tokens, self._since = 0, time.perf_counter()
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        self._tokens += int(inputs["attention_mask"].sum())  # this step's tokens, video positions included
+        # this step's tokens, video positions included; summed on the device, read only when logging (no sync)
+        self._tokens = self._tokens + inputs["attention_mask"].sum()
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """Adds ``tokens_per_second`` (non-padding tokens of all processes per second since the last loss log)."""
         if "loss" in logs:
             now = time.perf_counter()
-            logs["tokens_per_second"] = round(self._tokens * self.args.world_size / max(now - self._since, 1e-9), 1)
+            tokens = int(self._tokens) * self.args.world_size
+            logs["tokens_per_second"] = round(tokens / max(now - self._since, 1e-9), 1)
             self._tokens, self._since = 0, now
         super().log(logs, *args, **kwargs)
 
