@@ -10,7 +10,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # DeepSpeed compiles its small CPU ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean slurm-profile
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v ffmpeg >/dev/null && command -v dot >/dev/null || \
@@ -28,8 +28,17 @@ demo: setup
 	$(VENV)/bin/snakemake --report results/report.html
 	@echo "report: results/report.html"
 
+# tests/test_slurm.py starts a single-node SLURM (tests/slurm/start_slurm.sh) where the machine allows (root, apt);
+# elsewhere those tests are skipped with the reason.
 test: setup
 	$(VENV)/bin/pytest
+
+# Install profiles/slurm as the user's `slurm` profile, so that `snakemake --profile slurm` finds it (never overwrites).
+SLURM_PROFILE := $(or $(XDG_CONFIG_HOME),$(HOME)/.config)/snakemake/slurm
+slurm-profile:
+	@if [ -e "$(SLURM_PROFILE)" ]; then echo "$(SLURM_PROFILE) exists: left as it is"; \
+	else mkdir -p "$(dir $(SLURM_PROFILE))" && cp -r profiles/slurm "$(SLURM_PROFILE)" && \
+	echo "installed $(SLURM_PROFILE): set your partition and account there (profiles/README.md)"; fi
 
 lint: setup
 	$(VENV)/bin/snakemake --lint

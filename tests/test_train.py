@@ -1,3 +1,6 @@
+import subprocess
+from types import SimpleNamespace
+
 import pytest
 import safetensors.torch
 import torch
@@ -7,7 +10,7 @@ from pipeline.eval.generate import evaluate
 from pipeline.io import read_json, read_table
 from pipeline.model.video_llm import load_llm, load_stage
 from pipeline.train.config import StageConfig, resolve_stage
-from pipeline.train.launch import build_command
+from pipeline.train.launch import build_command, rendezvous_port, slurm_rank_env, slurm_resources
 from pipeline.train.stage import _latest_checkpoint, build_model
 
 
@@ -91,19 +94,56 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path):
 
 
 def test_launch_commands():
-    stage = ["-m", "pipeline.train.stage", "--config", "s.yaml"]
-    assert build_command("s.yaml", 0, 1, python="py") == ["py", *stage]  # CPU
-    assert build_command("s.yaml", 1, 1, python="py") == ["py", *stage]  # 1 x 1 GPU
-    assert build_command("s.yaml", 8, 1, python="py") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8", *stage]  # 1 x 8
-    assert build_command("s.yaml", 8, 4, head_node="gpu001", job_id="42", python="py") == [  # 4 x 8
-        "srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-        "py", "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes", "4", "--rdzv_backend", "c10d",
-        "--rdzv_endpoint", "gpu001:29500", "--rdzv_id", "42", *stage]
-    assert build_command("s.yaml", 0, 1, python="py", processes=2) == [  # two CPU processes (gloo)
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *stage]
-    with pytest.raises(ValueError, match="rendezvous host"):
+    stage = ["py", "-m", "pipeline.train.stage", "--config", "s.yaml"]
+    assert build_command("s.yaml", 0, 1, python="py") == stage  # CPU
+    assert build_command("s.yaml", 1, 1, python="py", in_slurm=True) == stage  # 1 x 1 GPU: already in srun -n1
+    assert build_command("s.yaml", 8, 1, python="py") == [  # 1 x 8 on a workstation
+        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "8", *stage[1:]]
+    assert build_command("s.yaml", 8, 4, cpus=64, python="py", in_slurm=True) == [  # 4 x 8: one task per GPU
+        "srun", "--nodes=4", "--ntasks=32", "--ntasks-per-node=8", "--cpus-per-task=8", "--kill-on-bad-exit=1",
+        *stage, "--ranks-from-slurm"]
+    assert build_command("s.yaml", 0, 1, processes=2, cpus=2, python="py", in_slurm=True) == [  # 2 CPU tasks
+        "srun", "--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--kill-on-bad-exit=1",
+        *stage, "--ranks-from-slurm"]
+    with pytest.raises(ValueError, match="SLURM allocation"):
         build_command("s.yaml", 8, 2)
+
+
+class _Resources(dict):
+    __getattr__ = dict.get
+
+
+@pytest.mark.parametrize("stage, flags", [
+    ({"gpus": 0, "cpus": 2}, ["--ntasks=1", "--cpus-per-task=2"]),  # CPU: the rule runs in srun -n1
+    ({"gpus": 1, "cpus": 8}, ["--gres=gpu:1", "--cpus-per-task=8"]),
+    ({"gpus": 8, "cpus": 64, "gpu_model": "a100"}, ["--gres=gpu:a100:8", "--ntasks-per-node=8", "--cpus-per-task=8"]),
+    ({"gpus": 8, "cpus": 64, "nodes": 4}, ["--nodes=4", "--gres=gpu:8", "--ntasks-per-node=8", "--cpus-per-task=8"]),
+    ({"gpus": 1, "cpus": 8, "nodes": 2}, ["--nodes=2", "--gres=gpu:1", "--ntasks-per-gpu=1", "--ntasks=2"]),
+    ({"gpus": 0, "cpus": 2, "processes": 2}, ["--ntasks-per-node=2", "--cpus-per-task=1"]),  # gloo
+])
+def test_training_jobs_ask_slurm_for_one_task_per_gpu_on_every_node(stage, flags):
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    stage = {"nodes": 1, "processes": None, "mem_mb": 64000, "runtime": 600, **stage}
+    job = SimpleNamespace(resources=_Resources(slurm_resources(stage)), threads=stage["cpus"])
+    params = {"run_uuid": "run", "slurm_logfile": "log", "comment_str": "rule_train_stage1", "account": "",
+              "partition": "", "workdir": "."}
+    sbatch = (get_submit_command(job, params) + set_gres_string(job)).split()
+    for flag in [*flags, "--mem", "64000", "-t", "600", "--requeue", "--signal=TERM@300"]:
+        assert flag in sbatch, (flag, sbatch)
+    assert not [flag for flag in sbatch if flag.startswith("--gpus")]  # GPUs per node (gres), not per job
+    several = stage["gpus"] * stage["nodes"] > 1 or stage["processes"]
+    assert ("mpi" in job.resources) == bool(several)  # several processes: the launcher's own srun
+
+
+def test_ranks_come_from_the_srun_task(monkeypatch):
+    env = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_NUM_NODES": "2",
+           "SLURM_NTASKS_PER_NODE": "8", "SLURM_STEP_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "123456"}
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: SimpleNamespace(stdout="gpu007\ngpu008\n"))
+    assert slurm_rank_env(env) == {"RANK": "9", "LOCAL_RANK": "1", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
+                                   "MASTER_ADDR": "gpu007", "MASTER_PORT": str(rendezvous_port("123456"))}
+    assert rendezvous_port("123456") != rendezvous_port("123457")
 
 
 def test_resolve_stage_from_the_workflow_config():

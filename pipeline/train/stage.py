@@ -51,6 +51,7 @@ from pipeline.model.video_llm import (
     save_stage,
 )
 from pipeline.train.config import StageConfig, stage_model_dir
+from pipeline.train.launch import slurm_rank_env
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="the stage's resolved settings (stage.yaml)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher; unused")
+    parser.add_argument("--ranks-from-slurm", action="store_true",
+                        help="one task of an srun step (pipeline.train.launch): rank and rendezvous from SLURM")
     args = parser.parse_args(argv)
+    if args.ranks_from_slurm:
+        os.environ.update(slurm_rank_env(dict(os.environ)))
     try:
         finished = run_stage(StageConfig.from_dict(read_yaml(args.config)))
     finally:

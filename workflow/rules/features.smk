@@ -7,12 +7,13 @@ rule features:
         status=f"{RESULTS}/features/{{shard}}.tsv",
         features=f"{RESULTS}/features/{{shard}}.h5",
     params:
-        config=shlex.quote(json.dumps(config["features"])),
+        config=shlex.quote(json.dumps({k: v for k, v in config["features"].items() if k != "resources"})),
         strict=STRICT,
-    threads: 4
+    threads: config["features"]["resources"]["cpus"]
     resources:
-        mem_mb=8000,
-        runtime=240,
+        gpu=min(1, config["features"]["resources"]["gpus"]),
+        mem_mb=config["features"]["resources"]["mem_mb"],
+        runtime=config["features"]["resources"]["runtime"],
     log:
         f"{LOGS}/features/{{shard}}.log",
     benchmark:

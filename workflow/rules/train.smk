@@ -1,7 +1,9 @@
 # The base LLM, each stage's resolved settings, and one rule per training stage (train_<name>), so that
-# `--forcerun train_stage2` or `--until train_stage1` name a stage.
+# `--forcerun train_stage2` or `--until train_stage1` name a stage. Their SLURM requests come from the stage's
+# resources (pipeline.train.launch.slurm_resources; profiles/README.md).
 
 from pipeline.io import write_yaml
+from pipeline.train.launch import slurm_resources
 
 
 if config["llm"]["gguf"]:
@@ -55,16 +57,13 @@ for _stage in config["stages"]:
             processes=_stage["resources"]["processes"] or 0,
         threads: _stage["resources"]["cpus"]
         resources:
-            gpu=_stage["resources"]["gpus"],
-            nodes=_stage["resources"]["nodes"],
-            mem_mb=_stage["resources"]["mem_mb"],
-            runtime=_stage["resources"]["runtime"],
+            **slurm_resources(_stage["resources"]),
         log:
             f"{LOGS}/train/{_stage['name']}.log",
         benchmark:
             f"{BENCHMARKS}/train_{_stage['name']}.tsv"
         conda:
             "../../envs/train.yaml"
-        shell:
-            "python -m pipeline.train.launch --config {input.config} --gpus {params.gpus} --nodes {params.nodes}"
-            " --processes {params.processes} > {log} 2>&1"
+        shell:  # exec: SIGTERM (preemption, time limit) reaches the stage, not a shell that would leave it behind
+            "exec python -m pipeline.train.launch --config {input.config} --gpus {params.gpus} --nodes {params.nodes}"
+            " --processes {params.processes} --cpus {threads} > {log} 2>&1"
