@@ -98,12 +98,13 @@ def workflow(root: Path, clips: dict, llm: Path, stages: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def run(slurm, tmp_path_factory, clips, tiny_llm_dir):
-    """The whole workflow on the cluster: stage1 as 2 CPU processes (srun tasks, gloo, ZeRO-2), stage2 on 1 GPU."""
+    """The whole workflow on the cluster: stage1 as 2 CPU processes, stage2 on the node's 2 (fake) GPUs, each as 2
+    srun tasks (gloo on this CPU-only machine, ZeRO-2)."""
     resources = {"cpus": 2, "mem_mb": 4000, "runtime": 30}
     workdir = workflow(tmp_path_factory.mktemp("slurm_run"), clips, tiny_llm_dir, [
         stage("stage1", init=None, resources={**resources, "processes": 2}),
         stage("stage2", init="stage1", train={"mm_projector": True, "llm": "lora"},
-              lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}, resources={**resources, "gpus": 1}),
+              lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}, resources={**resources, "gpus": 2}),
     ])
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     _, text = snakemake(workdir)
@@ -124,13 +125,14 @@ def test_every_rule_ran_as_a_completed_slurm_job(run):
     assert all(job["State"] == "COMPLETED" for job in jobs), jobs
     # localrules (downloads on the submitting host, configs, reports) never reach the queue
     assert not {"download", "stage_config", "summary", "instructions"} & set(rules)
-    assert "gres/gpu=1" in rules["train_stage2"][0]["AllocTRES"]
+    assert "gres/gpu=2" in rules["train_stage2"][0]["AllocTRES"]
 
 
 def test_training_jobs_see_the_gpus_slurm_gave_them(run):
     workdir, _, _ = run
     log = (workdir / "results/logs/train/stage2.log").read_text()
-    assert "CUDA_VISIBLE_DEVICES=0" in log, log[:2000]
+    assert "CUDA_VISIBLE_DEVICES=0,1" in log, log[:2000]
+    assert "--ntasks=2 --ntasks-per-node=2" in log  # one task per GPU
     log = (workdir / "results/logs/train/stage1.log").read_text()
     assert "CUDA_VISIBLE_DEVICES=unset" in log  # a CPU stage gets no GPU
 
