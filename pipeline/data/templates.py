@@ -17,6 +17,15 @@ from dataclasses import dataclass
 
 from pipeline import IGNORE_INDEX, VIDEO_TOKEN, VIDEO_TOKEN_INDEX
 
+VIDEO_WRAP = ("<vid_start>", "<vid_end>")
+"""Tokens around the video positions when a recipe asks for them (Video-ChatGPT's ``--mm_use_vid_start_end``)."""
+
+
+def video_wrap_ids(tokenizer, enabled: bool) -> tuple[int, int] | None:
+    """The ids of :data:`VIDEO_WRAP` in ``tokenizer`` (which must hold them) when ``enabled``, else None: the
+    ``video_wrap`` argument of :func:`tokenize_conversation`."""
+    return tuple(tokenizer.convert_tokens_to_ids(list(VIDEO_WRAP))) if enabled else None
+
 
 @dataclass(frozen=True)
 class Template:

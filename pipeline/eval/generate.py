@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pipeline import configure_logging
-from pipeline.data.templates import get_template, tokenize_conversation
+from pipeline.data.templates import get_template, tokenize_conversation, video_wrap_ids
 from pipeline.eval.metrics import score
 from pipeline.features.store import FeatureStore
 from pipeline.io import atomic_path, read_json, write_json
@@ -52,7 +52,7 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
     model, meta = load_stage(model_dir, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(meta.get("tokenizer", meta["llm"]))
-    wrap = tuple(tokenizer.convert_tokens_to_ids(["<vid_start>", "<vid_end>"])) if meta.get("video_start_end") else None
+    wrap = video_wrap_ids(tokenizer, meta.get("video_start_end", False))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = get_template(meta["template"])
     store = FeatureStore(index)

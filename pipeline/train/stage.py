@@ -36,7 +36,7 @@ from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArgume
 
 from pipeline import configure_logging
 from pipeline.data.dataset import InstructionDataset, VideoCollator, fit_records
-from pipeline.data.templates import get_template
+from pipeline.data.templates import VIDEO_WRAP, get_template, video_wrap_ids
 from pipeline.features.store import FeatureStore
 from pipeline.io import atomic_path, publish_dir, read_json, read_yaml, write_json, write_table, write_yaml
 from pipeline.model.projector import build_projector, projector_weights
@@ -56,7 +56,6 @@ from pipeline.train.launch import slurm_rank_env
 log = logging.getLogger(__name__)
 
 LOSS_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second"]
-VIDEO_WRAP = ("<vid_start>", "<vid_end>")  # Video-ChatGPT's --mm_use_vid_start_end
 PREEMPTED = 143  # the exit code of a process ended by SIGTERM
 COMPLETE = "complete"  # the mark of a checkpoint written whole
 
@@ -331,7 +330,7 @@ def run_stage(config: StageConfig) -> bool:
     store = FeatureStore(config.features_index)
     tokenizer, base_vocab = _tokenizer(config)
     template = get_template(config.template)
-    wrap = tuple(tokenizer.convert_tokens_to_ids(list(VIDEO_WRAP))) if config.video_start_end else None
+    wrap = video_wrap_ids(tokenizer, config.video_start_end)
     rows = {video: store.rows(video, config.max_frames) for video in {r["video"] for r in records} if video in store}
     records, excluded = fit_records(records, tokenizer, template, config.max_length, rows, wrap)
     if excluded:
