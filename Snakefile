@@ -8,7 +8,11 @@
 # Stages: demo_manifest -> shards -> download -> transcode -> compress -> features -> instructions ->
 # train_<stage> ... -> evaluate -> report assets. Rules are thin: each runs `python -m pipeline.<module>`.
 
+import sys
+
 from snakemake.utils import min_version, validate
+
+from pipeline.config import ConfigError, check_config
 
 min_version("9.0")
 
@@ -16,7 +20,11 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+try:  # one line per problem (key, file, closest valid key), before any job
+    check_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml", workflow.configfiles)
+except ConfigError as error:
+    sys.exit(str(error))
+validate(config, "workflow/schemas/config.schema.yaml")  # fills in the defaults
 
 
 report: "workflow/report/workflow.rst"

@@ -156,7 +156,7 @@ def random_reads(work: Path, shape: tuple[int, int] = (356, 1024), videos: int =
     for s in range(shards):
         path = work / f"shard-{s:05d}.h5"
         rows = []
-        with ShardWriter(path, per_shard * shape[0], shape[1], {}) as writer:
+        with ShardWriter(path, {}) as writer:
             for v in range(s * per_shard, (s + 1) * per_shard):
                 features = rng.standard_normal(shape).astype(np.float16)
                 writer.add(f"v{v:05d}", features, "videochatgpt", shape[0] // 4, shape[0] - shape[0] // 4)

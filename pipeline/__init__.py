@@ -18,6 +18,11 @@ VIDEO_TOKEN_INDEX = -200
 """Placeholder token id of a video feature position in ``input_ids`` (LLaVA's ``IMAGE_TOKEN_INDEX`` idea)."""
 
 
+class PipelineError(Exception):
+    """An error whose message says all a user needs (what failed, which file, what to do): a command ends with
+    that message, not a traceback (:func:`pipeline.cli.run`)."""
+
+
 def configure_logging() -> None:
     """Log INFO and above to stderr with time, level and module; ``PIPELINE_LOG_LEVEL`` overrides the level."""
     logging.basicConfig(

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,8 +20,48 @@ from typing import Any, Iterator
 import pandas as pd
 import yaml
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def umask() -> int:
+    """The process's file mode creation mask (``0o022`` for most users), read without changing it.
+
+    Linux reports it in ``/proc/self/status``; elsewhere it is read off the mode of a file created with
+    ``0o666`` in a temporary folder (its execute bits taken to follow its read bits).
+    """
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    with tempfile.TemporaryDirectory() as folder:
+        probe = os.path.join(folder, "probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        masked = 0o666 & ~os.stat(probe).st_mode
+    return masked | (masked & 0o444) >> 2
+
+
+def follow_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a plain ``open``/``mkdir`` would: files
+    ``0o666 & ~umask``, folders ``0o777 & ~umask``.
+
+    For what libraries write with modes of their own (safetensors writes ``0o600``), so that a group can read a
+    stage's weights on a shared file system when the user's umask lets it.
+    """
+    mask = umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
+def _create_beside(path: Path, suffix: str) -> Path:
+    """A new empty file ``.<stem>.<random>.tmp<suffix>`` beside ``path``, mode ``0o666 & ~umask``."""
+    while True:
+        tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -32,17 +73,18 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         suffix: the temporary file's extension (defaults to ``path``'s, so tools that pick a format from the
             extension, such as ffmpeg, still do).
 
-    On an exception the temporary file is removed and the exception propagates; ``path`` is untouched.
+    The file gets the mode a plain ``open`` would give it (``0o666 & ~umask``), also when the writer replaces the
+    temporary file with one of another mode (safetensors writes ``0o600``). On an exception the temporary file is
+    removed and the exception propagates; ``path`` is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix if suffix is None else suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the final file the usual permissions
+    tmp = _create_beside(path, suffix)
+    mode = os.stat(tmp).st_mode & 0o777
     try:
         yield tmp
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

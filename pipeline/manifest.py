@@ -17,10 +17,10 @@ import hashlib
 import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
-from pipeline import configure_logging
+from pipeline.cli import parser as cli_parser
+from pipeline.cli import run
 from pipeline.io import read_yaml, sha256_file, write_table
 from pipeline.shards import MANIFEST_COLUMNS
 from pipeline.video.ffmpeg import probe
@@ -113,9 +113,9 @@ def rows_from_folder(root: str | Path, extensions: tuple[str, ...] = VIDEO_EXTEN
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     """``python -m pipeline.manifest {packages,ids,folder} ... --out MANIFEST.tsv``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser(__spec__.name, __doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     packages = commands.add_parser("packages", help="files in Python packages, from a YAML spec")
     packages.add_argument("--spec", required=True)
@@ -128,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     folder.add_argument("--sha256", action="store_true", help="record each file's checksum (reads every file)")
     for command in (packages, ids, folder):
         command.add_argument("--out", required=True, help="the manifest to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the manifest the subcommand builds."""
+    args = parser().parse_args(argv)
     if args.command == "packages":
         rows = rows_from_spec(read_yaml(args.spec))
     elif args.command == "ids":
@@ -141,5 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

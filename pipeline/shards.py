@@ -4,15 +4,18 @@ A manifest is a TSV with one row per video: ``video_id``, ``source`` (URL or pat
 ``start`` and ``end`` (seconds, to cut a segment out of the source). ``split`` cuts it into shards of
 ``shard_size`` rows (``shard-00000.tsv``, ...) so that Snakemake plans one job per shard, not per video.
 
-Inside a shard job, :func:`run_shard` processes the videos in parallel threads and returns one status row per
-video. Finished per-video files go to ``<out>.partial/`` under their final name only once complete, so a killed
-job resumes where it stopped; when every video is done the folder is renamed to ``<out>``.
+Inside a shard job, :func:`run_shard` processes the videos (in parallel threads, or as a loader such as the
+features stage's DataLoader yields them) and returns one status row per video. Finished videos are committed to
+``<out>.partial/`` only once complete (per-video files under their final name, or the features' shard file), so
+a killed job resumes where it stopped; when every video is done the partial output is published as ``<out>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import json
 import logging
 import math
 import os
@@ -21,13 +24,15 @@ import shutil
 import sys
 import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from pipeline import configure_logging
+from pipeline import PipelineError
+from pipeline.cli import parser as cli_parser
+from pipeline.cli import run
 from pipeline.io import atomic_path, fingerprint, publish_dir, read_json, read_table, write_json, write_table
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,7 @@ SHARD_NAME = "shard-{:05d}"
 _FATAL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
-class JobError(Exception):
+class JobError(PipelineError):
     """A failure of the job itself (a missing tool, say): no video of the shard could succeed, so the job fails."""
 
 
@@ -128,24 +133,104 @@ def ok_rows(status_table: str | Path) -> list[dict]:
     return [row for row in read_table(status_table).to_dict("records") if row["status"] == "ok"]
 
 
+RUNTIME = {"runtime": True}
+"""Metadata of a config field that says how fast a job runs, not what it makes: see :func:`settings_of`."""
+
+
+def settings_of(config) -> dict:
+    """The settings stamp of a dataclass config: ``dataclasses.asdict`` of it, nested dataclasses included, minus
+    the fields marked ``metadata={"runtime": True}`` (how fast or in how many processes a job runs: such a change
+    never redoes finished videos). Every other field is in the stamp, so a new field cannot be forgotten."""
+
+    def walk(value):
+        if is_dataclass(value):
+            return {f.name: walk(getattr(value, f.name)) for f in fields(value) if not f.metadata.get("runtime")}
+        if isinstance(value, (list, tuple)):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    return walk(config)
+
+
+class VideoFiles:
+    """Per-video output files ``<video_id><ext>`` in the partial folder, published as the folder ``out``.
+
+    Args:
+        ext: the file extension, or a function of the row giving it.
+        describe: ``(done_path) -> fields`` of a file finished by an earlier, killed run; an unreadable one is
+            deleted and redone, never trusted.
+    """
+
+    def __init__(self, ext: str | Callable[[dict], str], describe: Callable[[Path], dict]):
+        self.ext, self.describe = ext, describe
+        self.partial: Path | None = None
+
+    def _dest(self, row: dict) -> Path:
+        return self.partial / f"{row['video_id']}{self.ext(row) if callable(self.ext) else self.ext}"
+
+    def open(self, partial: Path) -> None:
+        """Work in ``partial`` (made and stamped by :func:`prepare_partial`)."""
+        self.partial = partial
+
+    def done(self, row: dict) -> dict | None:
+        """The fields (``path`` included) of ``row``'s file if an earlier run finished it, else None."""
+        dest = self._dest(row)
+        if not dest.exists():
+            return None
+        try:
+            return {"path": str(dest), **self.describe(dest)}
+        except Exception as exc:
+            log.warning("%s: redoing, earlier output unreadable (%s)", dest, exc)
+            dest.unlink()
+            return None
+
+    @contextlib.contextmanager
+    def target(self, row: dict) -> Iterator[Path]:
+        """A temporary path for ``row``'s file, renamed to its final name when the block ends without error."""
+        with atomic_path(self._dest(row)) as tmp:
+            yield tmp
+
+    def path(self, row: dict) -> str:
+        """Where ``row``'s file is while the job runs."""
+        return str(self._dest(row))
+
+    def publish(self, out: Path) -> Callable[[str], str]:
+        """Rename the partial folder to ``out``; return how a row's ``path`` maps to its published place."""
+        publish_dir(self.partial, out)
+        return lambda path: str(out / Path(path).name)
+
+
 @dataclass
 class ShardTask:
     """What one data stage does to one video.
 
     Attributes:
-        ext: extension of the per-video output file (``.mp4``, ``.npy``), or a function of the row giving it.
-        produce: ``(row, tmp_path) -> fields``; writes the video's output to ``tmp_path`` and returns the extra
-            status fields (duration, fps, ...). Raises :class:`ItemError` for a failure of this video.
-        describe: ``(done_path) -> fields`` for an output finished by an earlier, killed run of the same job.
-        settings: every setting that changes the output. A partial folder left by a killed run is reused only
-            when these settings and the input rows (and the files they name) are unchanged; otherwise it is
-            discarded rather than mixed in.
+        produce: ``(row, target) -> fields``; writes the video's output to ``target`` (a temporary file path for
+            :class:`VideoFiles`, the shard writer for other outputs) and returns its extra status fields
+            (duration, fps, ...). Raises :class:`ItemError` for a failure of this video.
+        settings: every setting that changes the output (:func:`settings_of` of the stage's config). A partial
+            folder left by a killed run is reused only when these settings and the input rows (and the files
+            they name) are unchanged; otherwise it is discarded rather than mixed in.
+        ext, describe: the per-video files (:class:`VideoFiles`) when ``outputs`` is not given.
+        outputs: where finished videos go (:class:`VideoFiles`, or the features' shard file); it tells which
+            videos an earlier run finished.
+        load: ``(pending rows) -> iterator of rows`` with what each needs loaded into it (the features stage's
+            decoded frames), in any order; ``produce`` then runs in the calling thread as rows arrive, and the
+            loader supplies the parallelism. None: ``produce`` gets the rows as they are, ``threads`` at once.
     """
 
-    ext: str | Callable[[dict], str]
-    produce: Callable[[dict, Path], dict]
-    describe: Callable[[Path], dict]
+    produce: Callable[[dict, object], dict]
     settings: dict
+    ext: str | Callable[[dict], str] = ""
+    describe: Callable[[Path], dict] | None = None
+    outputs: object = None
+    load: Callable[[list[dict]], Iterator[dict]] | None = None
+
+    def __post_init__(self) -> None:
+        if self.outputs is None:
+            self.outputs = VideoFiles(self.ext, self.describe or (lambda path: {}))
 
 
 def _failure(row: dict, exc: BaseException) -> dict:
@@ -169,49 +254,29 @@ def _input_key(row: dict) -> dict:
     return {**row, "_input": [stat.st_size, stat.st_mtime_ns]}
 
 
-def output_path(task: ShardTask, row: dict, partial: Path) -> Path:
-    """Where ``task`` writes ``row``'s output in the partial folder: ``<video_id><ext>``."""
-    return partial / f"{row['video_id']}{task.ext(row) if callable(task.ext) else task.ext}"
+def _ok(row: dict, fields: dict) -> dict:
+    return {"video_id": row["video_id"], "status": "ok", "reason": "", **fields}
 
 
-def finished_row(task: ShardTask, row: dict, partial: Path) -> dict | None:
-    """The status row of a video an earlier, killed run already finished, or None. An unreadable leftover is
-    deleted (it will be redone), never trusted."""
-    dest = output_path(task, row, partial)
-    if not dest.exists():
-        return None
-    try:
-        fields = task.describe(dest)
-    except Exception as exc:
-        log.warning("%s: redoing, earlier output unreadable (%s)", dest, exc)
-        dest.unlink()
-        return None
-    return {"video_id": row["video_id"], "status": "ok", "reason": "", "path": str(dest), **fields}
-
-
-def process_row(task: ShardTask, row: dict, partial: Path) -> dict:
-    """Produce ``row``'s output under a temporary name and rename it when complete; return its status row (a
+def process_row(task: ShardTask, row: dict) -> dict:
+    """Produce ``row``'s output through ``task.outputs`` (committed only when complete); return its status row (a
     ``failed`` one for an :class:`ItemError` or unexpected error, see :func:`run_shard`)."""
     try:
-        done = finished_row(task, row, partial)
-        if done is not None:
-            return done
-        dest = output_path(task, row, partial)
-        with atomic_path(dest) as tmp:
-            fields = task.produce(row, tmp)
-        return {"video_id": row["video_id"], "status": "ok", "reason": "", "path": str(dest), **fields}
+        with task.outputs.target(row) as target:
+            fields = task.produce(row, target)
+        return _ok(row, {"path": task.outputs.path(row), **fields})
     except Exception as exc:
         return _failure(row, exc)
 
 
-def prepare_partial(out_dir: str | Path, task: ShardTask, rows: list[dict]) -> Path:
-    """The ``<out_dir>.partial/`` folder of a shard job, ready to resume: a folder left by a killed run with other
+def prepare_partial(out: str | Path, task: ShardTask, rows: list[dict]) -> Path:
+    """The ``<out>.partial/`` folder of a shard job, ready to resume: a folder left by a killed run with other
     settings or inputs is discarded, temporary files of a killed run are removed, the folder is stamped."""
-    out_dir = Path(out_dir)
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
     stamp = partial / ".settings.json"
     settings = {"settings": task.settings, "inputs": fingerprint([_input_key(row) for row in rows])}
-    if partial.exists() and (not stamp.exists() or read_json(stamp) != settings):
+    if partial.exists() and (not stamp.exists() or read_json(stamp) != json.loads(json.dumps(settings))):
         log.info("%s: discarding partial output made with other settings or inputs", partial)
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
@@ -221,30 +286,44 @@ def prepare_partial(out_dir: str | Path, task: ShardTask, rows: list[dict]) -> P
     return partial
 
 
-def run_shard(rows: list[dict], task: ShardTask, out_dir: str | Path, threads: int = 1, desc: str = "") -> list[dict]:
-    """Run ``task`` on every row, ``threads`` at a time, in ``<out_dir>.partial/``; then publish it as ``out_dir``.
+def run_shard(rows: list[dict], task: ShardTask, out: str | Path, threads: int = 1, desc: str = "") -> list[dict]:
+    """Run ``task`` on every row in ``<out>.partial/``, then publish it as ``out``.
 
-    Per-video outputs are named ``<video_id><ext>``; each row's ``path`` points into ``out_dir``. A row whose
-    ``produce`` raises :class:`ItemError` (or any error but a full or read-only disk) becomes a ``failed`` row with
-    the reason; :class:`JobError` and ``OSError`` ENOSPC/EDQUOT/EROFS fail the job.
+    Rows an earlier, killed run of the same job finished (same settings and inputs) are not redone. Without a
+    loader, ``threads`` rows run at once; with ``task.load``, rows run in the calling thread as the loader
+    yields them. A row whose ``produce`` raises :class:`ItemError` (or any error but a full or read-only disk)
+    becomes a ``failed`` row with the reason; :class:`JobError` and ``OSError`` ENOSPC/EDQUOT/EROFS fail the job
+    and leave the partial folder for the rerun.
 
     Returns:
-        Status rows in input order: ``video_id, status, reason, path`` plus the task's fields.
+        Status rows in input order: ``video_id, status, reason, path`` (into ``out``) plus the task's fields.
     """
-    out_dir = Path(out_dir)
-    partial = prepare_partial(out_dir, task, rows)
-    results: dict[int, dict] = {}
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        futures = {pool.submit(process_row, task, row, partial): i for i, row in enumerate(rows)}
-        for future in tqdm(as_completed(futures), total=len(futures), desc=desc, file=sys.stderr, mininterval=2):
-            results[futures[future]] = future.result()
-    ordered = [results[i] for i in range(len(rows))]
-    publish_dir(partial, out_dir)
-    for row in ordered:
+    out = Path(out)
+    task.outputs.open(prepare_partial(out, task, rows))
+    status: list[dict | None] = []
+    for row in rows:
+        done = task.outputs.done(row)
+        status.append(None if done is None else _ok(row, done))
+    position = {row["video_id"]: i for i, row in enumerate(rows)}
+    pending = [row for row, done in zip(rows, status) if done is None]
+    progress = tqdm(total=len(pending), desc=desc, file=sys.stderr, mininterval=2)
+    if task.load is not None:
+        for row in task.load(pending):
+            status[position[row["video_id"]]] = process_row(task, row)
+            progress.update()
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            futures = {pool.submit(process_row, task, row): position[row["video_id"]] for row in pending}
+            for future in as_completed(futures):
+                status[futures[future]] = future.result()
+                progress.update()
+    progress.close()
+    final = task.outputs.publish(out)
+    for row in status:
         if row.get("path"):
-            row["path"] = str(out_dir / Path(row["path"]).name)
-    log_counts(ordered, desc or str(out_dir))
-    return ordered
+            row["path"] = final(row["path"])
+    log_counts(status, desc or str(out))
+    return status
 
 
 def log_counts(status: list[dict], what: str) -> None:
@@ -253,16 +332,35 @@ def log_counts(status: list[dict], what: str) -> None:
     log.info("%s: %d ok, %d failed", what, len(status) - failed, failed)
 
 
-def stage_parser(description: str, input_help: str) -> argparse.ArgumentParser:
-    """The command line every per-shard video stage shares: ``--input`` (its input table), ``--out-dir`` (the
-    shard's folder of per-video files), ``--status`` (the status table to write), ``--threads`` (videos at
-    once) and ``--strict`` (fail the job when any video fails)."""
-    parser = argparse.ArgumentParser(description=description)
+def boolean(text: str) -> bool:
+    """A command-line truth value: ``true``/``false`` (also ``yes``/``no``, ``1``/``0``), any case.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def add_strict(parser: argparse.ArgumentParser) -> None:
+    """``--strict [true|false]``: fail the job when any video fails (bare ``--strict`` is true)."""
+    parser.add_argument("--strict", type=boolean, nargs="?", const=True, default=False,
+                        help="fail the job when any video fails (true or false; bare --strict: true)")
+
+
+def stage_parser(module: str, doc: str, input_help: str) -> argparse.ArgumentParser:
+    """The command line every per-shard video stage shares (:func:`pipeline.cli.parser` of ``module`` and its
+    ``doc``): ``--input`` (its input table), ``--out-dir`` (the shard's folder of per-video files), ``--status``
+    (the status table to write), ``--threads`` (videos at once) and ``--strict`` (fail the job when any video
+    fails)."""
+    parser = cli_parser(module, doc)
     parser.add_argument("--input", required=True, help=input_help)
     parser.add_argument("--out-dir", required=True, help="folder of the shard's per-video outputs")
     parser.add_argument("--status", required=True, help="status table to write")
     parser.add_argument("--threads", type=int, default=1, help="videos processed at once")
-    parser.add_argument("--strict", action="store_true", help="fail the job when any video fails")
+    add_strict(parser)
     return parser
 
 
@@ -278,17 +376,21 @@ def finish(status: list[dict], out_table: str | Path, columns: list[str], strict
     return 0
 
 
+def parser() -> argparse.ArgumentParser:
+    """``python -m pipeline.shards --manifest M --shard-size N --out DIR``: the shards rule."""
+    parser = cli_parser(__spec__.name, __doc__)
+    parser.add_argument("--manifest", required=True, help="the manifest (TSV: video_id, source, ...)")
+    parser.add_argument("--shard-size", type=int, required=True, help="videos per shard")
+    parser.add_argument("--out", required=True, help="folder of the shard tables and rejected.tsv")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.shards --manifest M --shard-size N --out DIR``: cut a manifest into shards."""
-    parser = argparse.ArgumentParser(description=split_manifest.__doc__.splitlines()[0])
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--shard-size", type=int, required=True)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    """Cut a manifest into shards (:func:`split_manifest`)."""
+    args = parser().parse_args(argv)
     split_manifest(args.manifest, args.shard_size, args.out)
     return 0
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

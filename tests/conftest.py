@@ -115,6 +115,13 @@ def tiny_llm_dir(tmp_path_factory, tokenizer_dir) -> Path:
     return out
 
 
+def pytest_collection_modifyitems(items) -> None:
+    """The local SLURM cluster's tests run last: once they stop the daemons they started, every Snakemake start on
+    the machine waits about 9 s (the SLURM executor plugin asks ``scontrol`` for MinJobAge at import, and scontrol
+    waits for the controller it can no longer reach), which would slow every later workflow test."""
+    items.sort(key=lambda item: item.path.name == "test_slurm.py")
+
+
 def copy_workflow(dest: Path) -> Path:
     """Copy the workflow's files (Snakefile, workflow/, config/, profiles/, envs/) into ``dest``."""
     for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
@@ -140,7 +147,7 @@ def train_data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("data")
     rng = np.random.default_rng(0)
     videos = [f"v{i}" for i in range(4)]
-    with ShardWriter(root / "shard-00000.h5", rows=4 * 6, dim=8, attrs={"encoder": "test"}) as writer:
+    with ShardWriter(root / "shard-00000.h5", attrs={"encoder": "test"}) as writer:
         for video in videos:
             writer.add(video, rng.standard_normal((6, 8)).astype(np.float16), "videochatgpt", 2, 4)
     write_table(root / "index.tsv", [{"video_id": v, "path": str(root / "shard-00000.h5"), "tokens": 6, "dim": 8}
@@ -153,22 +160,38 @@ def train_data(tmp_path_factory) -> Path:
 
 
 def stage_settings(root: Path, llm_dir: Path, data: Path, name: str, **settings) -> dict:
-    """A StageConfig dict of a small CPU stage on ``data`` (:func:`train_data`) with DeepSpeed ZeRO-2."""
-    return {"name": name, "llm": str(llm_dir), "template": "chatml", "train_data": str(data / "train.json"),
+    """The settings and paths (``train_data``, ``features_index``, ``init``, ``output_dir``: see
+    :func:`split_stage`) of a small CPU stage on ``data`` (:func:`train_data`) from ``llm_dir`` with DeepSpeed
+    ZeRO-2."""
+    return {"name": name, "init": str(llm_dir), "template": "chatml", "train_data": str(data / "train.json"),
             "features_index": str(data / "index.tsv"), "output_dir": str(root / name), "epochs": 2,
             "learning_rate": 1e-2, "batch_size": 4, "save_steps": 2, "max_length": 64,
             "deepspeed": str(REPO / "config/deepspeed/zero2.json"), **settings}
 
 
+def split_stage(config: dict):
+    """A :func:`stage_settings` dict as the workflow passes it: the settings (``stage.yaml``) and the paths (the
+    training rule's command line)."""
+    from dataclasses import fields
+
+    from pipeline.train.config import StageConfig, StagePaths
+
+    names = {f.name for f in fields(StagePaths)}
+    return (StageConfig.from_dict({k: v for k, v in config.items() if k not in names}),
+            StagePaths(**{k: v for k, v in config.items() if k in names}))
+
+
 def run_stage_process(root: Path, config: dict, processes: int = 1, wait: bool = True):
-    """Run a stage as the workflow does (``python -m pipeline.train.launch``) in a new process group; return the
-    CompletedProcess, or the running Popen when ``wait`` is False."""
+    """Run a stage as the workflow does (``python -m pipeline.train.launch``, in ``root``) in a new process group;
+    return the CompletedProcess, or the running Popen when ``wait`` is False."""
     from pipeline.io import write_yaml
 
+    settings, paths = split_stage(config)
     path = root / f"{config['name']}.yaml"
-    write_yaml(path, config)
+    write_yaml(path, settings.to_dict())
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "pipeline.train.launch", "--config", str(path), "--processes", str(processes)]
+    command = [sys.executable, "-m", "pipeline.train.launch", "--config", str(path), *paths.argv(),
+               "--processes", str(processes)]
     if not wait:
         return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)

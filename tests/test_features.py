@@ -1,5 +1,6 @@
+import json
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -129,7 +130,8 @@ def test_extract_shard_writes_hdf5_index_and_failed_rows(tmp_path, short_clip):
     assert not (tmp_path / "shard-00000.h5.partial").exists()
     with h5py.File(out) as f:
         assert f["video_ids"].asstr()[()].tolist() == ["band"] and f["features"].shape == (8, 64)
-        assert f.attrs["backend"] == "open_clip" and f.attrs["pooling"] == "videochatgpt"
+        assert f.attrs["encoder.backend"] == "open_clip" and f.attrs["pooling"] == "videochatgpt"
+        assert json.loads(f.attrs["settings"])["sampling"]["num_frames"] == 4
     store = _store(out, status)
     assert "band" in store and "bad" not in store
     features, info = store.get("band"), store.info("band")
@@ -180,25 +182,121 @@ def test_pyav_reads_what_decord_cannot(short_clip, monkeypatch):
     assert frames.shape == expected.shape and np.abs(frames.astype(int) - expected).mean() < 1.0
 
 
+def _killed_after(monkeypatch, video: str):
+    """Make the features job die (as a kill would: not an error of one video) when it reaches ``video``."""
+    real = extract.read_frames
+
+    def read(path, sampling):
+        if video in str(path):
+            raise SystemExit("killed")
+        return real(path, sampling)
+
+    monkeypatch.setattr(extract, "read_frames", read)
+
+
+def _clips(tmp_path, short_clip, names):
+    rows = []
+    for name in names:
+        path = tmp_path / f"{name}.mp4"
+        path.write_bytes(short_clip.read_bytes())
+        rows.append({"video_id": name, "path": str(path)})
+    return rows
+
+
 def test_a_resumed_shard_does_not_redo_finished_videos(tmp_path, short_clip, monkeypatch):
     out, partial = tmp_path / "s.h5", tmp_path / "s.h5.partial"
-    rows = [{"video_id": "a", "path": str(short_clip)}, {"video_id": "b", "path": str(short_clip)}]
-    with monkeypatch.context() as m:  # keep the partial folder, then make it what a job killed after "a" leaves
-        m.setattr(extract, "shutil", SimpleNamespace(rmtree=lambda *a, **k: None))
-        extract.extract_shard(rows, out, OPEN_CLIP, threads=1)
-    first = _store(out, [{"video_id": "a", "status": "ok", "path": str(out), "tokens": 8, "dim": 64}]).get("a")
-    out.unlink()
-    (partial / "b.npz").unlink()
-
+    rows = _clips(tmp_path, short_clip, ["a", "b"])
+    config = FeatureConfig.from_dict({**TINY_CLIP, "workers": 0})
+    with monkeypatch.context() as m:
+        _killed_after(m, "b.mp4")
+        with pytest.raises(SystemExit):
+            extract.extract_shard(rows, out, config, threads=1)
+    assert not out.exists() and sorted(p.name for p in partial.iterdir()) == [".settings.json", "features.h5"]
     calls = []
     real = extract.read_frames
     monkeypatch.setattr(extract, "read_frames", lambda path, sampling: calls.append(path) or real(path, sampling))
-    status = extract.extract_shard(rows, out, FeatureConfig.from_dict({**TINY_CLIP, "workers": 0}), threads=1)
-    assert len(calls) == 1  # only "b"
-    assert [r["status"] for r in status] == ["ok", "ok"]
-    assert not partial.exists()
+    status = extract.extract_shard(rows, out, FeatureConfig.from_dict({**TINY_CLIP, "workers": 2}), threads=1)
+    assert calls == [] or [Path(c).name for c in calls] == ["b.mp4"]  # workers: decoded in other processes
+    assert [r["status"] for r in status] == ["ok", "ok"] and not partial.exists()
     store = _store(out, status)
-    assert np.array_equal(store.get("a"), first) and np.array_equal(store.get("b"), first)
+    assert np.array_equal(store.get("a"), store.get("b"))  # the same clip: the same tokens, resumed or not
+
+
+def test_a_video_damaged_by_the_kill_is_redone_not_trusted(tmp_path, short_clip, monkeypatch):
+    out, partial = tmp_path / "s.h5", tmp_path / "s.h5.partial"
+    rows = _clips(tmp_path, short_clip, ["a", "b", "c"])
+    config = FeatureConfig.from_dict({**TINY_CLIP, "workers": 0})
+    with monkeypatch.context() as m:
+        _killed_after(m, "c.mp4")
+        with pytest.raises(SystemExit):
+            extract.extract_shard(rows, out, config, threads=1)
+    with h5py.File(partial / "features.h5", "r+") as f:  # b's rows half-written when the job died
+        f["features"][f["offsets"][1] + 1] = 7.0
+    decoded = []
+    real = extract.read_frames
+    monkeypatch.setattr(extract, "read_frames", lambda path, s: decoded.append(Path(path).name) or real(path, s))
+    status = extract.extract_shard(rows, out, config, threads=1)
+    assert decoded == ["b.mp4", "c.mp4"]  # a verified and kept; b and what follows redone
+    store = _store(out, status)
+    assert np.array_equal(store.get("a"), store.get("b")) and np.array_equal(store.get("b"), store.get("c"))
+
+
+def _leaves(obj, prefix=()):
+    """(path, value) of every leaf field of a dataclass config, runtime fields included."""
+    import dataclasses
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, prefix + (f.name,))
+        else:
+            yield prefix + (f.name,), f.metadata.get("runtime", False)
+
+
+def _changed(config, path):
+    import dataclasses
+
+    head, *rest = path
+    value = getattr(config, head)
+    if rest:
+        return dataclasses.replace(config, **{head: _changed(value, rest)})
+    other = {str: lambda v: (v or "") + "x", bool: lambda v: not v, int: lambda v: v + 1, float: lambda v: v + 0.5,
+             dict: lambda v: {**v, "x": 1}, type(None): lambda v: 3}[type(value)](value)
+    return dataclasses.replace(config, **{head: other}) if head not in ("method", "backend", "resize", "precision",
+                                                                           "pooling") else _enum(config, head)
+
+
+def _enum(config, name):
+    import dataclasses
+
+    choices = {"method": ("uniform", "fps"), "backend": ("hf_clip", "open_clip"), "resize": ("stretch", "crop"),
+               "precision": ("float16", "float32"), "pooling": ("frames", "videochatgpt")}[name]
+    current = getattr(config, name)
+    return dataclasses.replace(config, **{name: choices[0] if current != choices[0] else choices[1]})
+
+
+def test_every_setting_that_shapes_the_features_redoes_finished_videos(tmp_path):
+    """Each field of FeatureConfig (the encoder's, the sampling's, the pooling's): a partial shard made with one
+    value is discarded when the field changes; the runtime fields (batch size, workers, timeout) keep it."""
+    from pipeline.features.store import FeatureShard
+    from pipeline.shards import ShardTask, prepare_partial, settings_of
+
+    rows = [{"video_id": "a", "path": "a.mp4"}]
+
+    def kept(config) -> bool:
+        """Whether a partial shard left under OPEN_CLIP's settings survives a rerun with ``config``'s."""
+        def partial(settings):
+            task = ShardTask(produce=None, settings={"stage": "features", **settings}, outputs=FeatureShard({}))
+            return prepare_partial(tmp_path / "s.h5", task, rows)
+
+        (partial(settings_of(OPEN_CLIP)) / "features.h5").write_text("a finished video")
+        return (partial(settings_of(config)) / "features.h5").exists()
+
+    leaves = list(_leaves(OPEN_CLIP))
+    assert {p[-1] for p, runtime in leaves if runtime} == {"batch_size", "workers", "decode_timeout"}
+    assert len(leaves) == 19
+    for path, runtime in leaves:
+        assert kept(_changed(OPEN_CLIP, path)) == runtime, path
 
 
 def test_pickled_features_import_only_when_trusted(tmp_path):
@@ -230,7 +328,7 @@ def test_a_stage_takes_fewer_evenly_spaced_frames_of_per_frame_tokens(tmp_path):
 
     frames = np.arange(6 * 2 * 3, dtype=np.float16).reshape(6, 2, 3)  # T = 6 frames of S = 2 tokens, D = 3
     pooled = np.ones((5, 3), dtype=np.float16)
-    with ShardWriter(tmp_path / "s.h5", rows=12 + 5, dim=3, attrs={}) as writer:
+    with ShardWriter(tmp_path / "s.h5", attrs={}) as writer:
         writer.add("per_frame", frames.reshape(12, 3), "frames", 6, 2)
         writer.add("pooled", pooled, "videochatgpt", 3, 2)
     write_table(tmp_path / "index.tsv", [{"video_id": v, "path": str(tmp_path / "s.h5"), "tokens": n, "dim": 3}
@@ -240,3 +338,77 @@ def test_a_stage_takes_fewer_evenly_spaced_frames_of_per_frame_tokens(tmp_path):
     assert store.rows("per_frame", 3) == 6 and store.rows("per_frame", 8) == store.rows("per_frame") == 12
     assert np.array_equal(store.get("per_frame", 8), frames.reshape(12, 3))
     assert np.array_equal(store.get("pooled", 1), pooled) and store.rows("pooled", 1) == 5  # not per frame: whole
+
+
+def _two_shards(tmp_path):
+    """Two shard files of three videos each, their status tables and index; returns (shards, index)."""
+    from pipeline.features.store import ShardWriter
+
+    rng = np.random.default_rng(0)
+    shards, tables = [], []
+    for s in range(2):
+        path = tmp_path / f"shard-{s:05d}.h5"
+        rows = []
+        with ShardWriter(path, {}) as writer:
+            for v in range(3):
+                video = f"s{s}v{v}"
+                writer.add(video, rng.standard_normal((5 + s, 4)).astype(np.float16), "videochatgpt", 1, 4 + s)
+                rows.append({"video_id": video, "status": "ok", "path": str(path), "tokens": 5 + s, "dim": 4})
+        write_table(path.with_suffix(".tsv"), rows, extract.COLUMNS)
+        shards.append(path)
+        tables.append(path.with_suffix(".tsv"))
+    write_index(tables, tmp_path / "index.tsv")
+    return shards, tables, tmp_path / "index.tsv"
+
+
+def test_a_damaged_features_shard_is_named_with_its_video(tmp_path):
+    from pipeline.features.store import ShardError
+
+    shards, tables, index = _two_shards(tmp_path)
+    assert len(FeatureStore(index)) == 6
+    good = shards[0].read_bytes()
+
+    shards[0].write_bytes(b"garbage" * 100)  # replaced by garbage
+    for make in (lambda: write_index(tables, index), lambda: FeatureStore(index)):
+        with pytest.raises(ShardError, match=f"{shards[0]}: not a readable features shard"):
+            make()
+
+    shards[0].write_bytes(good[: len(good) - 300])  # truncated
+    with pytest.raises(ShardError, match=f"{shards[0]}: "):
+        FeatureStore(index)
+
+    shards[0].write_bytes(good)
+    with h5py.File(shards[0], "r+") as f:  # one video's bytes changed on disk
+        f["features"][7] = f["features"][7] + 1
+    with pytest.raises(ShardError, match=r"video 's0v1' is damaged \(checksum mismatch\)"):
+        write_index(tables, index)
+
+    shards[0].write_bytes(good)
+    a, b = shards[0].read_bytes(), shards[1].read_bytes()  # two shards swapped
+    shards[0].write_bytes(b)
+    shards[1].write_bytes(a)
+    with pytest.raises(ShardError, match=f"{shards[0]}: has no video 's0v0'.*files swapped"):
+        FeatureStore(index)
+
+    shards[0].write_bytes(good)
+    shards[1].unlink()  # deleted
+    with pytest.raises(ShardError, match=f"{shards[1]}: missing"):
+        FeatureStore(index)
+
+
+def test_reads_span_chunks_exactly(tmp_path, monkeypatch):
+    from pipeline.features import store as store_module
+
+    monkeypatch.setattr(store_module, "CHUNK_BYTES", 3 * 4 * 2)  # chunks of 3 rows of 4 float16
+    rng = np.random.default_rng(1)
+    videos = {f"v{i}": rng.standard_normal((n, 4)).astype(np.float16) for i, n in enumerate((2, 5, 1, 7))}
+    path = tmp_path / "s.h5"
+    with store_module.ShardWriter(path, {}) as writer:
+        for video, tokens in videos.items():
+            writer.add(video, tokens, "videochatgpt", 1, len(tokens) - 1)
+    with h5py.File(path) as f:
+        assert f["features"].chunks == (3, 4) and f["features"].shape == (15, 4)
+    store = _store(path, [{"video_id": v, "status": "ok", "path": str(path), "tokens": len(t), "dim": 4}
+                          for v, t in videos.items()])
+    for video, tokens in videos.items():
+        assert np.array_equal(store.get(video), tokens)

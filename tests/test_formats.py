@@ -87,11 +87,11 @@ def test_ssv2_official_fills_placeholders_and_checks_labels(tmp_path):
         labels=str(FIXTURES / "something-something-v2-labels.json"))
     answers = {r["video"]: r["conversations"][1]["value"] for r in records.values()}
     assert answers == {"78687": "Holding potato next to vicks vaporub bottle",
-                       "42326": "Spreading something onto something",  # 1 placeholder for 2 slots: not filled
                        "100904": "Moving drawer of night stand"}
     assert records["78687"]["conversations"][0]["value"] == "<video>\nDescribe this video."
-    assert counts["rejected_by_reason"] == {"unknown label": 1}
-    assert "Dancing with [something]" in rejected[0]["reason"]
+    assert counts["rejected_by_reason"] == {"placeholder mismatch": 1, "unknown label": 1}
+    assert rejected[0]["reason"].startswith("placeholders: 1 placeholder(s) ['margarine'] for the 2 slot(s)")
+    assert "Dancing with [something]" in rejected[1]["reason"]
 
 
 def test_ssv2_fork_reads_space_separated_csv_and_id2label(tmp_path):
@@ -107,18 +107,20 @@ def test_ssv2_fork_reads_space_separated_csv_and_id2label(tmp_path):
 
 def test_llava_next_video_records_images_and_text(tmp_path):
     video = "academic_source__activitynet__v_abc"
-    counts, records, rejected = _build(tmp_path, "llava", FIXTURES / "llava_next.json",
-                                       {video: None, "coco__train2017__000000033471": None})
-    assert list(records) == ["v_abc"] and records["v_abc"]["video"] == video
+    indexed = {video: None, "coco__train2017__000000033471": None, "spot-the-diff__harbor_1": None,
+               "spot-the-diff__harbor_2": None}
+    counts, records, rejected = _build(tmp_path, "llava", FIXTURES / "llava_next.json", indexed)
+    assert list(records) == ["v_abc", "sharegpt_1"] and records["v_abc"]["video"] == video
     assert records["v_abc"]["conversations"][0]["value"] == "<video>\nWhat happens after the man picks up the guitar?"
     assert len(records["v_abc"]["conversations"]) == 4
-    assert counts["rejected_by_reason"] == {"image record (dropped)": 1, "text only (dropped)": 1,
-                                            "invalid conversation": 2}
-    assert "must appear once" in rejected[2]["reason"] and "expected 'gpt'" in rejected[3]["reason"]
-    counts, records, _ = _build(tmp_path / "keep", "llava", FIXTURES / "llava_next.json",
-                                {video: None, "coco__train2017__000000033471": None}, images="keep")
+    assert "video" not in records["sharegpt_1"] and records["sharegpt_1"]["conversations"][0]["value"] == "Hello"
+    assert counts["rejected_by_reason"] == {"image record (dropped)": 2, "invalid conversation": 2}
+    assert counts["kept_by_kind"] == {"video": 1, "text only": 1}
+    assert "must appear once" in rejected[1]["reason"] and "expected 'gpt'" in rejected[2]["reason"]
+    counts, records, _ = _build(tmp_path / "keep", "llava", FIXTURES / "llava_next.json", indexed, images="keep")
     image = records["000000033471"]
     assert image["modality"] == "image" and image["conversations"][0]["value"].startswith("<video>\nWhat are")
+    assert counts["kept_by_kind"] == {"video": 1, "image": 1, "text only": 1, "images": 1}
 
 
 def test_llamavid_webvid_ids_are_integers(tmp_path):
@@ -137,7 +139,8 @@ def test_et_instruct_timestamps_are_kept_rendered_and_checked(tmp_path):
     steps = records["how_to_step_1"]["conversations"]
     assert steps[0]["value"].endswith("at 12s - 18s seconds. When do the next two steps happen?")
     assert steps[1]["value"] == "36s - 44s seconds, then 49s - 57s seconds."
-    assert counts["rejected_by_reason"] == {"timestamp outside the video": 1, "invalid entry": 1}
+    assert counts["rejected_by_reason"] == {"timestamp outside the video": 1, "invalid entry": 1,
+                                            "segment ends before it starts": 1}
     assert rejected[0]["reason"] == "tgt: 31.5 s outside the video's 30.0 s"  # E.T. Chat would clamp it
     videos["didemo__12090392_N02_4919624883"] = 4.0  # the video as compressed is shorter than the entry says
     _, records, rejected = _build(tmp_path / "short", "etchat", FIXTURES / "et_instruct_164k_vid.json", videos)
@@ -173,9 +176,9 @@ def test_mixing_ratios_caps_and_repeats_are_deterministic():
 
 
 def test_check_record():
-    good = {"conversations": [{"from": "human", "value": "<video>\nq"}, {"from": "gpt", "value": "a"}]}
+    good = {"video": "v", "conversations": [{"from": "human", "value": "<video>\nq"}, {"from": "gpt", "value": "a"}]}
     assert check_record(good) is None
     assert "expected 'gpt'" in check_record({"conversations": [{"from": "human", "value": "<video> q"}] * 2})
-    no_marker = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    no_marker = {"video": "v", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
     assert "<video> must appear once" in check_record(no_marker)
     assert check_record({"conversations": good["conversations"][:1]}) == "conversations: need human/gpt pairs"

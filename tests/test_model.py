@@ -7,12 +7,11 @@ from pipeline.data.templates import get_template, tokenize_conversation
 from pipeline.model.projector import build_projector
 from pipeline.model.video_llm import VideoLLM, load_llm
 from pipeline.train.config import StageConfig
-from pipeline.train.stage import _tokenizer, build_model
+from pipeline.train.trainer import build_model, stage_tokenizer
 
 
-def _stage(tiny_llm_dir, **kwargs):
-    return StageConfig(name="s", llm=str(tiny_llm_dir), template="chatml", train_data="-", features_index="-",
-                       output_dir="out", **kwargs)
+def _stage(**kwargs):
+    return StageConfig(name="s", template="chatml", **kwargs)
 
 
 def test_projector_shapes():
@@ -77,11 +76,11 @@ def test_fit_records_drops_whole_trailing_turns_and_excludes_what_cannot_fit(tok
 ])
 def test_exactly_the_stage_parameters_receive_gradients_and_change(tiny_llm_dir, llm_training, wrap, expected):
     lora = {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
-    config = _stage(tiny_llm_dir, llm_training=llm_training, lora=lora if llm_training == "lora" else None,
+    config = _stage(llm_training=llm_training, lora=lora if llm_training == "lora" else None,
                     video_start_end=wrap)
-    tokenizer, base_vocab = _tokenizer(config)
+    tokenizer, base_vocab = stage_tokenizer(config, str(tiny_llm_dir))
     assert len(tokenizer) == base_vocab + (2 if wrap else 0)
-    model, meta = build_model(config, 6, tokenizer, base_vocab)
+    model, meta = build_model(config, str(tiny_llm_dir), 6, tokenizer, base_vocab)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable == {name for name, _ in model.named_parameters() if expected(name)}
     if llm_training == "lora":  # LoRA B starts at zero, so A gets no gradient on the first step
@@ -123,11 +122,11 @@ def test_a_llava_v1_checkpoint_gives_its_llama_and_its_mm_projector(tmp_path, ti
     config = json.loads((llava / "config.json").read_text())
     (llava / "config.json").write_text(json.dumps({**config, "model_type": "llava", "mm_hidden_size": 6,
                                                    "architectures": ["LlavaLlamaForCausalLM"]}))
-    model, _ = build_model(_stage(llava, mm_projector_init=str(llava)), feature_dim=6)
+    model, _ = build_model(_stage(mm_projector_init=str(llava)), str(llava), feature_dim=6)
     assert torch.equal(model.mm_projector.weight, projector["model.mm_projector.weight"])
     assert torch.equal(model.mm_projector.bias, projector["model.mm_projector.bias"])
     assert torch.equal(model.llm.get_input_embeddings().weight, weights["model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="does not fit this stage"):
-        build_model(_stage(llava, mm_projector_init=str(llava)), feature_dim=8)
+        build_model(_stage(mm_projector_init=str(llava)), str(llava), feature_dim=8)
     with pytest.raises(ValueError, match="no mm_projector weights"):
-        build_model(_stage(tiny_llm_dir, mm_projector_init=str(tiny_llm_dir)), feature_dim=6)
+        build_model(_stage(mm_projector_init=str(tiny_llm_dir)), str(tiny_llm_dir), feature_dim=6)

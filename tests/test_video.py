@@ -4,9 +4,11 @@ import subprocess
 import numpy as np
 import pytest
 
+from pipeline.io import write_table
 from pipeline.manifest import package_file
-from pipeline.shards import ItemError
-from pipeline.video.ffmpeg import Encoding, display_rotation, encode, probe
+from pipeline.shards import ItemError, JobError
+from pipeline.video import compress, transcode
+from pipeline.video.ffmpeg import Encoding, check_encoding, display_rotation, encode, probe
 from pipeline.video.frames import FrameSampling, read_frames
 
 TRANSCODE = Encoding(crf=23, preset="ultrafast", audio=True)
@@ -31,7 +33,8 @@ def test_every_container_and_codec_ffmpeg_reads_becomes_h264_mp4(tmp_path, ext):
 
 @pytest.mark.parametrize("codec, encoder", [("vp8", "libvpx"), ("av1", "libsvtav1")])
 def test_webm_with_vp8_and_av1(tmp_path, codec, encoder):
-    encoders = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True).stdout
+    encoders = subprocess.run(["ffmpeg", "-hide_banner", "-encoders"], capture_output=True, text=True,
+                              check=True).stdout
     if f" {encoder} " not in encoders:
         pytest.skip(f"this ffmpeg cannot encode {codec} ({encoder}) to make the test file")
     source = tmp_path / f"{codec}.webm"
@@ -129,6 +132,10 @@ def _bad(tmp_path, clips, kind):
     elif kind == "text_as_mp4":
         path = path.with_suffix(".mp4")
         path.write_bytes(clips["text"].read_bytes())
+    elif kind == "moov_missing":  # an mp4 cut off before its index: a damaged video, not text
+        path = path.with_suffix(".mp4")
+        carphone = clips["carphone"].read_bytes()
+        path.write_bytes(carphone[: len(carphone) // 2])
     elif kind == "truncated":
         path = path.with_suffix(".webm")
         path.write_bytes(webm[: len(webm) // 2])
@@ -152,8 +159,9 @@ def _bad(tmp_path, clips, kind):
 
 
 @pytest.mark.parametrize("kind, reason", [
-    ("zero_bytes", r"libav: Invalid data found"),
-    ("text_as_mp4", r"libav: Invalid data found when processing input .*moov atom not found"),
+    ("zero_bytes", r"^empty file \(0 bytes\)$"),
+    ("text_as_mp4", r"^not a video: text, starting 'ISCC Test Document! Lorem ipsum dolor si'$"),
+    ("moov_missing", r"^libav: Invalid data found when processing input .*moov atom not found"),
     ("truncated", r"ffmpeg reported 1 error\(s\): .*File ended prematurely"),
     ("corrupt_middle", r"ffmpeg reported \d+ error\(s\): .*Invalid NAL unit size"),
     ("audio_only", r"no video stream \(streams: audio\)"),
@@ -187,6 +195,53 @@ def test_probe_refuses_what_is_not_a_video(tmp_path, clips):
         probe(package_file("iscc_samples", "files/image/demo.jpg"))
     with pytest.raises(ItemError, match="missing file"):
         probe(tmp_path / "absent.mp4")
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv", ".webm", ".avi", ".m4v", ".video"])
+def test_a_text_file_is_not_a_video_whatever_its_extension(tmp_path, clips, ext):
+    notes = tmp_path / f"notes{ext}"
+    notes.write_bytes(clips["text"].read_bytes())
+    with pytest.raises(ItemError, match="^not a video: text, starting 'ISCC Test Document! Lorem ipsum dolor si'$"):
+        probe(notes)
+    html = tmp_path / f"error_page{ext}"  # what a server sends instead of the video, saved under its name
+    html.write_text("<html><head><title>403 — Accès refusé</title></head></html>\n", encoding="utf-8")
+    with pytest.raises(ItemError, match="^not a video: text, starting '<html><head><title>403 — Accès refusé</t'$"):
+        probe(html)
+    binary = tmp_path / f"noise{ext}"  # bytes that are neither text nor a video: libav's words
+    binary.write_bytes(np.random.default_rng(0).bytes(20000))
+    with pytest.raises(ItemError, match="^(libav: |no positive duration)"):
+        probe(binary)
+
+
+@pytest.mark.parametrize("encoding, said", [
+    (Encoding(preset="veryfastt"), r"preset='veryfastt'.*invalid preset 'veryfastt'"),
+    (Encoding(preset="ultrafast", fps=1e12, size=224, audio=False), r"fps=1000000000000\.0.*timebase is not set"),
+])
+def test_settings_that_fail_on_a_generated_clip_fail_the_job(encoding, said):
+    with pytest.raises(JobError, match=r"^the encoding settings cannot work: a generated test clip fails with them \(.*"
+                                       + said):
+        check_encoding(encoding)
+
+
+@pytest.mark.parametrize("stage", [transcode, compress])
+def test_a_shard_job_with_unusable_settings_fails_before_any_video(tmp_path, clips, stage):
+    table, status = tmp_path / "download.tsv", tmp_path / "status.tsv"
+    write_table(table, [{"video_id": "band", "status": "ok", "reason": "", "path": str(clips["webm"])}],
+                ["video_id", "status", "reason", "path"])
+    args = ["--input", str(table), "--out-dir", str(tmp_path / "out"), "--status", str(status)]
+    with pytest.raises(JobError, match="invalid preset 'slowest'"):  # was: every video failed, exit code 0
+        stage.main([*args, "--preset", "slowest"])
+    assert not status.exists() and not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("option, value, field", [("--fps", "nan", "fps"), ("--fps", "0", "fps"),
+                                                  ("--size", "0", "size"), ("--crf", "80", "crf"),
+                                                  ("--timeout", "inf", "timeout_s")])
+def test_settings_out_of_range_are_the_command_lines_error(tmp_path, capsys, option, value, field):
+    args = ["--input", str(tmp_path / "in.tsv"), "--out-dir", str(tmp_path / "out"), "--status", str(tmp_path / "s")]
+    with pytest.raises(SystemExit) as exited:
+        compress.main([*args, option, value])
+    assert exited.value.code == 2 and f"Encoding.{field}: " in capsys.readouterr().err
 
 
 def test_read_frames_decodes_only_the_sampled_frames(short_clip):

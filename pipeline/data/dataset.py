@@ -2,6 +2,11 @@
 
 :func:`fit_records` checks once, before training, that every sample's mask can be built exactly within the length
 limit; the dataset then tokenizes lazily, per ``__getitem__``.
+
+A record names zero, one or several visuals (:func:`pipeline.data.formats.visuals`): each ``<video>`` marker of
+its conversation takes the feature rows of its visual, in marker order; a text-only record has no marker and no
+rows, and its sample carries a ``(0, D)`` feature tensor, so every batch has one (the projector then stays in the
+graph of every step, as DDP and ZeRO expect of a trained parameter).
 """
 
 from __future__ import annotations
@@ -11,10 +16,56 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from pipeline import IGNORE_INDEX
+from pipeline import IGNORE_INDEX, VIDEO_TOKEN
+from pipeline.data.formats import visuals
 from pipeline.data.templates import Template, tokenize_conversation
 from pipeline.features.store import FeatureStore
 from pipeline.io import read_json
+
+
+def visual_rows(store: FeatureStore, records: list[dict], max_frames: int | None = None) -> dict[str, int]:
+    """``video_id -> N`` (:meth:`FeatureStore.rows` with ``max_frames``) of every visual ``records`` name that has
+    features: the ``video_tokens`` of :func:`fit_records`."""
+    names = {video for record in records for video in visuals(record)}
+    return {video: store.rows(video, max_frames) for video in names if video in store}
+
+
+def feature_dim(store: FeatureStore, records: list[dict]) -> int:
+    """D, the width of the feature rows: of the first visual ``records`` name (of any video in the store when they
+    name none, a text-only mix).
+
+    Raises:
+        KeyError: that visual is not in the store.
+        ValueError: the records name no visual and the store holds no video.
+    """
+    video = next((v for record in records for v in visuals(record)), None)
+    if video is None:
+        if not len(store):
+            raise ValueError("no visual in the records and no video in the features store: the feature width is "
+                             "unknown")
+        video = next(iter(store.paths))
+    return int(store.get(video).shape[1])
+
+
+def record_features(record: dict, store: FeatureStore, dim: int, max_frames: int | None = None
+                    ) -> tuple[torch.Tensor, list[int]]:
+    """The feature rows of the visuals ``record`` names, concatenated in marker order, and each visual's row count.
+
+    Args:
+        dim: D, the width of a text-only record's empty tensor.
+        max_frames: see :meth:`FeatureStore.get`.
+
+    Returns:
+        ``(sum N_i, D)`` float16 (``(0, dim)`` for a text-only record) and ``[N_1, ...]``, the
+        ``num_video_tokens`` of :func:`tokenize_conversation`.
+
+    Raises:
+        KeyError: a visual is not in the store.
+    """
+    parts = [torch.from_numpy(store.get(video, max_frames)) for video in visuals(record)]
+    if not parts:
+        return torch.zeros((0, dim), dtype=torch.float16), []
+    return torch.cat(parts), [len(part) for part in parts]
 
 
 def fit_records(records: list[dict], tokenizer, template: Template, max_length: int,
@@ -23,42 +74,49 @@ def fit_records(records: list[dict], tokenizer, template: Template, max_length: 
     """The records as they fit in ``max_length`` tokens, and the ones that cannot, with the reason.
 
     A record longer than ``max_length`` loses whole trailing question/answer pairs until it fits (its kept
-    answers stay complete: no answer is ever cut, no sample trains on nothing). A record whose video and first
-    answer alone do not fit, or that the template cannot render exactly, is excluded.
+    answers stay complete: no answer is ever cut, no sample trains on nothing), never a turn that holds a
+    ``<video>`` marker (its visual would lose its place). A record whose visuals and first answer alone do not
+    fit, that the template cannot render exactly, that names a visual without features, or that is unanswered
+    (nothing to train on) is excluded.
 
     Args:
-        video_tokens: ``video_id -> N``, the rows of each video's features (the index's ``tokens``).
+        video_tokens: ``video_id -> N``, the rows of each visual's features (:func:`visual_rows`).
         video_wrap: see :func:`tokenize_conversation`.
 
     Returns:
         ``(kept, excluded)``; a shortened record gets ``"dropped_turns"``, an excluded one is
-        ``{"id", "video", "reason"}``.
+        ``{"id", "video", "reason"}`` (``video``: the record's, None for text-only and multi-image records).
     """
     kept, excluded = [], []
     for record in records:
         turns = record["conversations"]
         try:
-            rows = video_tokens[record["video"]]
-            for end in range(len(turns), 0, -2):
+            if record.get("unanswered"):
+                raise ValueError("unanswered: no reference answer to train on")
+            rows = [video_tokens[video] for video in visuals(record)]
+            marked = [i for i, turn in enumerate(turns) if VIDEO_TOKEN in turn["value"]]
+            shortest = max(marked, default=0) + 2 - max(marked, default=0) % 2  # through the last marker's answer
+            for end in range(len(turns), shortest - 1, -2):
                 ids, _ = tokenize_conversation(turns[:end], tokenizer, template, rows, video_wrap=video_wrap)
                 if len(ids) <= max_length:
                     kept.append(record if end == len(turns) else
                                 {**record, "conversations": turns[:end], "dropped_turns": len(turns) - end})
                     break
             else:
-                raise ValueError(f"the video ({rows} tokens) and the first answer need {len(ids)} tokens, more than "
-                                 f"max_length {max_length}")
+                raise ValueError(f"the visuals ({sum(rows)} tokens) and the answers through the last one need "
+                                 f"{len(ids)} tokens, more than max_length {max_length}")
         except (KeyError, ValueError) as exc:
-            reason = f"no features for {record['video']!r}" if isinstance(exc, KeyError) else str(exc)
-            excluded.append({"id": record["id"], "video": record["video"], "reason": reason})
+            reason = f"no features for {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+            excluded.append({"id": record["id"], "video": record.get("video"), "reason": reason})
     return kept, excluded
 
 
 class InstructionDataset(Dataset):
-    """LLaVA conversation records with their videos' features.
+    """LLaVA conversation records with their visuals' features.
 
-    Each item is ``{"input_ids": (L,) int64, "labels": (L,) int64, "video_features": (N, D) float16}`` where the
-    ``N = T + S`` positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the feature rows in order.
+    Each item is ``{"id", "input_ids": (L,) int64, "labels": (L,) int64, "video_features": (N, D) float16}`` where
+    the ``N`` positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the feature rows in order (:func:
+    `record_features`: each marker its visual's rows; ``N = 0`` for a text-only record).
 
     Args:
         records: records that fit ``max_length`` (:func:`fit_records`), or their JSON file.
@@ -72,6 +130,7 @@ class InstructionDataset(Dataset):
         self.records = read_json(records) if isinstance(records, (str, Path)) else records
         self.tokenizer, self.template, self.store, self.max_length = tokenizer, template, store, max_length
         self.video_wrap, self.max_frames = video_wrap, max_frames
+        self.dim = feature_dim(store, self.records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -83,8 +142,8 @@ class InstructionDataset(Dataset):
             ValueError: the record is longer than ``max_length`` (it did not pass :func:`fit_records`).
         """
         record = self.records[index]
-        features = torch.from_numpy(self.store.get(record["video"], self.max_frames))
-        ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template, len(features),
+        features, rows = record_features(record, self.store, self.dim, self.max_frames)
+        ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template, rows,
                                             video_wrap=self.video_wrap)
         if len(ids) > self.max_length:
             raise ValueError(f"record {record['id']!r}: {len(ids)} tokens > max_length {self.max_length}; "
@@ -101,9 +160,9 @@ class VideoCollator:
     """Pads a batch on the right: ``input_ids`` with ``pad_token_id``, ``labels`` with ``IGNORE_INDEX``.
 
     Returns ``input_ids`` ``(B, L)``, ``labels`` ``(B, L)``, ``attention_mask`` ``(B, L)`` int64 and
-    ``video_features`` ``(sum N_i, D)``: every sample's rows, concatenated in batch order. With ``trace`` it
-    appends each batch's record ids to that file (one line a batch: the data order, to check a resumed run against
-    an uninterrupted one).
+    ``video_features`` ``(sum N_i, D)``: every sample's rows, concatenated in batch order (``(0, D)`` for a batch of
+    text-only samples). With ``trace`` it appends each batch's record ids to that file (one line a batch: the data
+    order, to check a resumed run against an uninterrupted one).
     """
 
     def __init__(self, pad_token_id: int, trace: str | Path | None = None):

@@ -11,11 +11,11 @@ import argparse
 import json
 import logging
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import configure_logging
+from pipeline.cli import parser as cli_parser
+from pipeline.cli import run
 from pipeline.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,22 @@ def mix(sources: list[tuple[MixEntry, list]], seed: int) -> tuple[list, dict]:
     return mixed, counts
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     """``python -m pipeline.data.mixing --spec JSON --seed S --out DATA.json --counts COUNTS.json``: the stage_data
     rule. The spec is a JSON list of ``{"dataset", "records" (its train.json), "ratio", "max_records"}``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser(__spec__.name, __doc__)
     parser.add_argument("--spec", required=True, help="JSON list of {dataset, records, ratio, max_records}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="the stage's training records")
     parser.add_argument("--counts", required=True, help="what was taken from each dataset")
-    args = parser.parse_args(argv)
-    sources = [(MixEntry(item["dataset"], item.get("ratio", 1.0), item.get("max_records")), read_json(item["records"]))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write one stage's mix (:func:`mix`)."""
+    args = parser().parse_args(argv)
+    fields = ("dataset", "ratio", "max_records")
+    sources = [(MixEntry(**{key: item[key] for key in fields if key in item}), read_json(item["records"]))
                for item in json.loads(args.spec)]
     records, counts = mix(sources, args.seed)
     write_json(args.out, records)
@@ -85,5 +91,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

@@ -14,6 +14,7 @@ the conversation one message at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 from pipeline import IGNORE_INDEX, VIDEO_TOKEN, VIDEO_TOKEN_INDEX
 
@@ -130,13 +131,13 @@ def get_template(name: str) -> Template:
         raise ValueError(f"unknown chat template {name!r}; known: {sorted(TEMPLATES)}") from None
 
 
-def _encode(tokenizer, text: str, num_video_tokens: int, video_wrap: tuple[int, int] | None = None) -> list[int]:
-    """Token ids of ``text`` with each ``<video>`` replaced by ``num_video_tokens`` ``VIDEO_TOKEN_INDEX`` ids
+def _encode(tokenizer, text: str, video_rows: Iterator[int], video_wrap: tuple[int, int] | None = None) -> list[int]:
+    """Token ids of ``text`` with each ``<video>`` replaced by ``next(video_rows)`` ``VIDEO_TOKEN_INDEX`` ids
     (between the ``video_wrap`` token ids, when given)."""
     ids: list[int] = []
     for i, part in enumerate(text.split(VIDEO_TOKEN)):
         if i:
-            video = [VIDEO_TOKEN_INDEX] * num_video_tokens
+            video = [VIDEO_TOKEN_INDEX] * next(video_rows)
             ids.extend([video_wrap[0], *video, video_wrap[1]] if video_wrap else video)
         if part:
             ids.extend(tokenizer(part, add_special_tokens=False)["input_ids"])
@@ -150,7 +151,8 @@ def _pieces(turns: list[dict], template: Template, system: str) -> list[tuple[st
         pieces.append((template.system_format.format(content=system), False))
     for i, turn in enumerate(turns):
         if turn["from"] == "human":
-            content = VIDEO_TOKEN if template.plain and VIDEO_TOKEN in turn["value"] else turn["value"]
+            plain = template.plain and VIDEO_TOKEN in turn["value"]
+            content = VIDEO_TOKEN * turn["value"].count(VIDEO_TOKEN) if plain else turn["value"]
             if i == 0 and template.first_user_format and system:
                 pieces.append((template.first_user_format.format(system=system, content=content), False))
             else:
@@ -190,15 +192,17 @@ def _tokenizer_pieces(turns: list[dict], tokenizer, system: str | None) -> list[
     return pieces
 
 
-def tokenize_conversation(conversations: list[dict], tokenizer, template: Template, num_video_tokens: int,
-                          system: str | None = None, for_generation: bool = False,
-                          video_wrap: tuple[int, int] | None = None) -> tuple[list[int], list[int]]:
+def tokenize_conversation(conversations: list[dict], tokenizer, template: Template,
+                          num_video_tokens: int | Sequence[int], system: str | None = None,
+                          for_generation: bool = False, video_wrap: tuple[int, int] | None = None
+                          ) -> tuple[list[int], list[int]]:
     """Token ids and labels of a LLaVA conversation.
 
     Args:
         conversations: turns ``{"from": "human" | "gpt", "value": str}``, alternating, starting with ``human``.
         tokenizer: a Hugging Face tokenizer.
-        num_video_tokens: rows of the video's features (T + S); each ``<video>`` becomes that many positions.
+        num_video_tokens: rows of the video's features (T + S); each ``<video>`` becomes that many positions. A
+            sequence gives each marker its own count, in order (a record of several visuals; ``[]``: text only).
         system: system prompt; ``None`` uses the template's.
         for_generation: drop a trailing ``gpt`` turn, so the ids end with the assistant header (a prompt).
         video_wrap: ids of the tokens around the video positions (Video-ChatGPT's ``<vid_start>``/``<vid_end>``).
@@ -208,8 +212,9 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: Templa
         their end-of-turn markers.
 
     Raises:
-        ValueError: turns do not alternate human/gpt starting with human (names the turn), or the ``tokenizer``
-            template cannot be cut into exact pieces.
+        ValueError: turns do not alternate human/gpt starting with human (names the turn), the ``tokenizer``
+            template cannot be cut into exact pieces, or a sequence ``num_video_tokens`` has another length than
+            the conversation has ``<video>`` markers.
     """
     turns = conversations
     if for_generation and turns and turns[-1]["from"] == "gpt":
@@ -223,10 +228,15 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: Templa
         pieces = _tokenizer_pieces(turns, tokenizer, system or None)
     else:
         pieces = _pieces(turns, template, system)
+    markers = sum(text.count(VIDEO_TOKEN) for text, _ in pieces)
+    rows = [num_video_tokens] * markers if isinstance(num_video_tokens, int) else list(num_video_tokens)
+    if len(rows) != markers:
+        raise ValueError(f"{markers} {VIDEO_TOKEN} marker(s) in the conversation but {len(rows)} visual(s)")
+    video_rows = iter(rows)
     ids: list[int] = [tokenizer.bos_token_id] if template.bos and tokenizer.bos_token_id is not None else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     for text, trained in pieces:
-        piece = _encode(tokenizer, text, num_video_tokens, video_wrap)
+        piece = _encode(tokenizer, text, video_rows, video_wrap)
         ids.extend(piece)
         labels.extend(piece if trained else [IGNORE_INDEX] * len(piece))
     return ids, labels

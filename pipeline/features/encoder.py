@@ -16,8 +16,6 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torchvision.transforms.v2 import functional as TF
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +74,11 @@ class FramePrep:
     size: tuple[int, int]
     mode: str
 
-    def __call__(self, frames: np.ndarray) -> torch.Tensor:
-        """``(T, H, W, 3)`` uint8 RGB -> ``(T, 3, size[0], size[1])`` uint8."""
+    def __call__(self, frames: np.ndarray):
+        """``(T, H, W, 3)`` uint8 RGB -> ``(T, 3, size[0], size[1])`` uint8 tensor."""
+        import torch
+        from torchvision.transforms.v2 import functional as TF
+
         x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
         if self.mode == "stretch":
             # Video-ChatGPT load_video: F.interpolate(float frames, size=(224, 224)) (nearest), back to uint8; its
@@ -100,7 +101,9 @@ class FrameEncoder:
         device, dtype: where and in which precision the tower runs.
     """
 
-    def __init__(self, config: EncoderConfig, device: str | torch.device | None = None):
+    def __init__(self, config: EncoderConfig, device=None):
+        import torch
+
         self.config = config
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         precision = config.precision
@@ -160,14 +163,13 @@ class FrameEncoder:
         """Patches per frame, S."""
         return self.grid[0] * self.grid[1]
 
-    def normalize(self, frames: torch.Tensor) -> torch.Tensor:
+    def normalize(self, frames):
         """``(T, 3, H, W)`` uint8 from :attr:`prep` -> scaled to [0, 1] and normalised with the tower's mean and
         std, on the encoder's device, in its dtype."""
         x = frames.to(self.device, non_blocking=True).float().mul_(self.scale).add_(self.shift)
         return x.to(self.dtype)
 
-    @torch.inference_mode()
-    def patch_tokens(self, frames: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    def patch_tokens(self, frames, batch_size: int = 32):
         """Patch tokens of block ``config.layer`` without CLS, ``batch_size`` frames per forward pass (normalised
         batch by batch, so memory holds one batch of float pixels, however long the video).
 
@@ -177,14 +179,18 @@ class FrameEncoder:
         Returns:
             ``(T, S, D)`` float32 on the CPU.
         """
-        out = []
-        for batch in frames.split(batch_size):
-            batch = self.normalize(batch)
-            if self.config.backend == "open_clip":
-                hidden = self.tower.forward_intermediates(
-                    batch, indices=[-1], stop_early=True, output_fmt="NLC", intermediates_only=True
-                )["image_intermediates"][0]
-            else:
-                hidden = self.tower(batch).last_hidden_state[:, 1:]  # the pruned tower's last block is `layer`
-            out.append(hidden.float().cpu())
-        return torch.cat(out)
+        import torch
+
+        with torch.inference_mode():
+            return torch.cat([self._tokens(batch) for batch in frames.split(batch_size)])
+
+    def _tokens(self, batch):
+        """One batch of ``(B, 3, H, W)`` uint8 frames -> ``(B, S, D)`` float32 on the CPU."""
+        batch = self.normalize(batch)
+        if self.config.backend == "open_clip":
+            hidden = self.tower.forward_intermediates(
+                batch, indices=[-1], stop_early=True, output_fmt="NLC", intermediates_only=True
+            )["image_intermediates"][0]
+        else:
+            hidden = self.tower(batch).last_hidden_state[:, 1:]  # the pruned tower's last block is `layer`
+        return hidden.float().cpu()

@@ -15,15 +15,15 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from pipeline import configure_logging
+from pipeline.cli import parser as cli_parser
+from pipeline.cli import run
 from pipeline.features.extract import COLUMNS
 from pipeline.features.store import ShardWriter
-from pipeline.io import write_table
+from pipeline.io import atomic_path, write_table
 from pipeline.shards import VIDEO_ID
 
 log = logging.getLogger(__name__)
@@ -64,31 +64,36 @@ def import_pickles(folder: str | Path, out: str | Path, trusted: bool, temporal_
     if len(dims) > 1:
         raise ValueError(f"{folder}: the arrays have different widths {sorted(dims)}")
     attrs = {"imported_from": str(folder), "pooling": "videochatgpt", "temporal_tokens": temporal_tokens}
-    with ShardWriter(out, sum(len(a) for a in videos.values()), dims.pop() if dims else 0, attrs) as writer:
+    with atomic_path(out) as tmp, ShardWriter(tmp, attrs) as writer:
         for video_id, array in videos.items():
             writer.add(video_id, array, "videochatgpt", temporal_tokens, len(array) - temporal_tokens)
     log.info("%s: %d imported, %d failed", folder, len(videos), len(status) - len(videos))
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     """``python -m pipeline.features.import_pickle --features-dir D --out S.h5 --status S.tsv --trust-pickle``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli_parser(__spec__.name, __doc__)
     parser.add_argument("--features-dir", required=True, help="folder of <video_id>.pkl files")
     parser.add_argument("--out", required=True, help="the HDF5 shard to write")
     parser.add_argument("--status", required=True, help="the status table to write (input of the index)")
     parser.add_argument("--temporal-tokens", type=int, default=100, help="temporal rows of each array")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="the files come from a source you trust (loading pickle runs code)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Import the pickles (:func:`import_pickles`)."""
+    cli = parser()
+    args = cli.parse_args(argv)
     try:
         status = import_pickles(args.features_dir, args.out, args.trust_pickle, args.temporal_tokens)
     except PermissionError as exc:
-        parser.error(str(exc))
+        cli.error(str(exc))
     write_table(args.status, status, COLUMNS)
     return 0
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

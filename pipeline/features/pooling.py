@@ -3,7 +3,10 @@ float16 array, whose layout the store's attributes record."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 POOLINGS = ("videochatgpt", "frames")
 
@@ -26,6 +29,8 @@ def videochatgpt_pool(tokens: torch.Tensor, temporal_tokens: int | None = None) 
     Raises:
         ValueError: ``tokens`` is not 3-dimensional.
     """
+    import torch
+
     if tokens.dim() != 3:
         raise ValueError(f"expected (T, S, D) patch tokens, got shape {tuple(tokens.shape)}")
     x = tokens.to(torch.float16).float()
@@ -48,6 +53,8 @@ def frame_tokens(tokens: torch.Tensor, grid: tuple[int, int], spatial_pool: int 
     Raises:
         ValueError: S does not match ``grid``.
     """
+    import torch
+
     frames, patches, dim = tokens.shape
     if patches != grid[0] * grid[1]:
         raise ValueError(f"{patches} patches per frame do not make a {grid[0]} x {grid[1]} grid")

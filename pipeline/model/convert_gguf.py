@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-import torch
-
-from pipeline import configure_logging
-from pipeline.io import publish_dir
+from pipeline.cli import parser as cli_parser
+from pipeline.cli import run
+from pipeline.io import follow_umask, publish_dir
 from pipeline.manifest import package_file
 
 log = logging.getLogger(__name__)
@@ -27,6 +25,7 @@ def convert(gguf: str | Path, out_dir: str | Path) -> None:
     Raises:
         FileNotFoundError: ``gguf`` does not exist.
     """
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf, out_dir = Path(gguf), Path(out_dir)
@@ -42,22 +41,27 @@ def convert(gguf: str | Path, out_dir: str | Path) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    follow_umask(tmp)  # safetensors writes 0600
     publish_dir(tmp, out_dir)
     log.info("%s -> %s: %s, %.1f M parameters", gguf, out_dir, type(model).__name__,
              sum(p.numel() for p in model.parameters()) / 1e6)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     """``python -m pipeline.model.convert_gguf --package P --file F --out DIR``: the convert_llm rule."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--package", help="installed package holding the file (else --file is a path)")
+    parser = cli_parser(__spec__.name, __doc__)
+    parser.add_argument("--package", default="", help="installed package holding the file (empty: --file is a path)")
     parser.add_argument("--file", required=True)
     parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Convert the GGUF file (:func:`convert`)."""
+    args = parser().parse_args(argv)
     convert(package_file(args.package, args.file) if args.package else Path(args.file), args.out)
     return 0
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

@@ -4,11 +4,7 @@ The positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the projected featu
 ``prepare_inputs_labels_for_multimodal``, without re-deriving labels: the dataset already masks those positions).
 Tokens a recipe adds to the vocabulary (Video-ChatGPT's ``<vid_start>``/``<vid_end>``) get their own small
 embedding table, ``extra_embeddings``, so that training them never touches the LLM's embedding matrix.
-
-A stage's model folder holds ``mm_projector.safetensors``, ``video_llm.json`` (what to load: the LLM, the LoRA
-adapters merged into it in order, the projector's shape, the tokenizer), ``adapter/`` (a PEFT LoRA adapter) or
-``llm/`` (a full LLM with its tokenizer) when the stage trained them, and ``extra_embeddings.safetensors`` with
-``tokenizer/`` when the vocabulary grew.
+A stage's folder on disk is :mod:`pipeline.model.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -16,21 +12,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import nn
 
 from pipeline import VIDEO_TOKEN_INDEX
-from pipeline.io import read_json, write_json
-from pipeline.model.projector import build_projector
 
 log = logging.getLogger(__name__)
-
-META = "video_llm.json"
-PROJECTOR_FILE = "mm_projector.safetensors"
-EXTRA_FILE = "extra_embeddings.safetensors"
 
 
 def attention_implementation() -> str:
@@ -89,7 +77,7 @@ class VideoLLM(nn.Module):
         rows = 0 if video_features is None else video_features.shape[0]
         if count != rows:
             raise ValueError(f"{count} video positions in input_ids but {rows} video feature rows")
-        if rows:
+        if video_features is not None:  # zero rows too (text-only batch): the projector stays in the step's graph
             weight = next(self.mm_projector.parameters())
             projected = self.mm_projector(video_features.to(weight.dtype)).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_video.unsqueeze(-1), projected)
@@ -125,20 +113,6 @@ def gathered(*params: nn.Parameter):
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def _unpartitioned_loading():
-    """Load weights whole even when a ZeRO-3 config is active: merging LoRA adapters needs the full matrices.
-    The DeepSpeed engine partitions the merged model when training starts."""
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
-
-
 LLAVA_V1_ARCHITECTURES = {"LlavaLlamaForCausalLM", "VideoChatGPTLlamaForCausalLM"}
 
 
@@ -160,8 +134,9 @@ def load_llm(name_or_path: str, dtype: torch.dtype, adapters: list[str] = ()) ->
     """Load a causal LM by hub name or local folder and merge the given LoRA adapter folders into it, in order.
 
     Original LLaVA-v1 checkpoints (LLaVA-Lightning-7B, Video-ChatGPT's start) load as the Llama they contain.
-    Under an active ZeRO-3 config (``TrainingArguments`` made first) the weights load partitioned across ranks,
-    except when adapters must be merged: then each rank loads them whole, merges, and DeepSpeed partitions later.
+    Under an active ZeRO-3 config (``TrainingArguments`` made first) the weights load partitioned across ranks;
+    merging adapters needs them whole, so a stage that merges adapters loads its LLM before making its
+    ``TrainingArguments`` (:func:`pipeline.train.trainer.run_stage`).
     """
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -169,62 +144,9 @@ def load_llm(name_or_path: str, dtype: torch.dtype, adapters: list[str] = ()) ->
     attn = attention_implementation()
     log.info("loading %s (%s, attention %s)", name_or_path, dtype, attn)
     llava_v1 = _llava_v1_config(name_or_path)
-    with _unpartitioned_loading() if adapters else contextlib.nullcontext():
-        llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn,
-                                                   **({"config": llava_v1} if llava_v1 else {}))
-        for adapter in adapters:
-            log.info("merging LoRA adapter %s", adapter)
-            llm = PeftModel.from_pretrained(llm, adapter).merge_and_unload()
+    llm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn,
+                                               **({"config": llava_v1} if llava_v1 else {}))
+    for adapter in adapters:
+        log.info("merging LoRA adapter %s", adapter)
+        llm = PeftModel.from_pretrained(llm, adapter).merge_and_unload()
     return llm
-
-
-def load_stage(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[VideoLLM, dict]:
-    """Load a stage's model folder: the LLM with every adapter merged, the trained ``mm_projector`` and any
-    embeddings of added tokens.
-
-    Returns:
-        The model (eval mode) and the folder's ``video_llm.json``.
-    """
-    model_dir = Path(model_dir)
-    meta = read_json(model_dir / META)
-    llm = load_llm(meta["llm"], dtype, meta["adapters"])
-    projector = build_projector(meta["mm_projector_type"], meta["mm_hidden_size"], meta["hidden_size"])
-    projector.load_state_dict(safetensors.torch.load_file(model_dir / PROJECTOR_FILE))
-    extra = None
-    if meta.get("extra_embeddings"):
-        weight = safetensors.torch.load_file(Path(meta["extra_embeddings"]))["weight"]
-        extra = nn.Embedding.from_pretrained(weight.to(dtype), freeze=False)
-    return VideoLLM(llm, projector.to(dtype), extra, meta.get("base_vocab")).eval(), meta
-
-
-def save_stage(model: VideoLLM, out_dir: str | Path, meta: dict, tokenizer=None,
-               state_dict: dict | None = None) -> None:
-    """Write a stage's model folder (see the module docstring) from ``model`` as trained.
-
-    Args:
-        meta: the ``video_llm.json`` content; its ``llm_training`` (``frozen``, ``lora`` or ``full``) decides
-            whether ``adapter/`` or ``llm/`` (with ``tokenizer``) is written, ``extra_embeddings`` whether the
-            added tokens' embeddings and the tokenizer are.
-        state_dict: the model's weights when the module's own are not whole (DeepSpeed ZeRO-3 partitions them: the
-            Trainer gathers them in 16 bit); default ``model.state_dict()``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict() if state_dict is None else state_dict
-
-    def part(prefix: str) -> dict:
-        return {k[len(prefix):]: v.detach().float().cpu().contiguous() for k, v in state.items()
-                if k.startswith(prefix)}
-
-    safetensors.torch.save_file(part("mm_projector."), out_dir / PROJECTOR_FILE)
-    llm_state = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
-    if meta["llm_training"] == "lora":
-        model.llm.save_pretrained(out_dir / "adapter", state_dict=llm_state)
-    elif meta["llm_training"] == "full":
-        model.llm.save_pretrained(out_dir / "llm", state_dict=llm_state)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out_dir / "llm")
-    if meta.get("extra_embeddings"):
-        safetensors.torch.save_file(part("extra_embeddings."), out_dir / EXTRA_FILE)
-        tokenizer.save_pretrained(out_dir / "tokenizer")
-    write_json(out_dir / META, meta)

@@ -1,20 +1,29 @@
-"""A training stage's resolved settings: everything one stage run needs, in one validated YAML file.
+"""A training stage's settings (:class:`StageConfig`, one validated YAML file) and paths (:class:`StagePaths`).
 
 ``resolve_stage`` turns the workflow config (``config/config.yaml`` or a recipe) into a :class:`StageConfig`
 dict; the Snakemake rule ``stage_config`` writes it to ``results/train/<stage>/stage.yaml``, so a change of any
 setting reruns exactly that stage and what follows, and every checkpoint carries the settings it was made with.
+Where a stage reads and writes is not a setting: the training rule passes its input and output paths on the
+command line (:func:`add_path_arguments`), as ``workflow/rules/common.smk`` (``stage_inputs``) decides them.
+
+The defaults of :class:`StageConfig` and :class:`LoraSettings` are those of the workflow schema's ``stages``
+items (``workflow/schemas/config.schema.yaml``), and its enums are :data:`LLM_TRAINING`, :data:`SCHEDULERS`,
+:data:`REPORTERS`, ``TEMPLATES`` and ``PROJECTORS``.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 from pipeline.data.templates import TEMPLATES
 from pipeline.model.projector import PROJECTORS
 
 LLM_TRAINING = ("frozen", "lora", "full")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+# report_to names of the HF Trainer, and the module each needs
+REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
 
 @dataclass
@@ -43,20 +52,16 @@ class StageConfig:
     """One training stage.
 
     Attributes:
-        name: the stage's name (``stage1``); its outputs go to ``output_dir``.
-        llm: base LLM, hub name or local folder (used when ``init`` is None, and for the tokenizer).
+        name: the stage's name (``stage1``).
         template: chat template name (``chatml``, ``vicuna_v1``).
-        train_data: JSON list of LLaVA records to train on.
-        features_index: the features ``index.tsv``.
-        output_dir: the stage's folder (``model/``, ``loss.tsv``, ``checkpoints/``).
-        init: a previous stage's ``model/`` folder to start from; None starts from ``llm`` with a new projector.
-        mm_projector_type: ``linear`` or ``mlp2x_gelu`` (ignored with ``init``: the projector is inherited).
+        mm_projector_type: ``linear`` or ``mlp2x_gelu`` (ignored when the stage starts from an earlier stage's
+            folder: the projector is inherited).
         mm_projector_init: a LLaVA checkpoint (folder, hub name or weight file) whose ``mm_projector`` weights the
-            new projector starts from (Video-ChatGPT: LLaVA-Lightning-7B's); ignored with ``init``.
+            new projector starts from (Video-ChatGPT: LLaVA-Lightning-7B's); ignored when starting from a stage.
         train_mm_projector: whether the projector trains.
         llm_training: ``frozen``, ``lora`` (adapters on ``lora.target_modules``) or ``full``.
         lora: LoRA settings when ``llm_training`` is ``lora``.
-        epochs: passes over ``train_data``.
+        epochs: passes over the training records.
         learning_rate: peak learning rate.
         batch_size: samples per device per step.
         gradient_accumulation_steps: steps accumulated per optimizer update.
@@ -64,27 +69,25 @@ class StageConfig:
         warmup_ratio: fraction of the steps spent warming up the learning rate.
         lr_scheduler: ``cosine``, ``linear``, ``constant`` or ``constant_with_warmup``.
         weight_decay: AdamW weight decay.
-        bf16: bfloat16 training (GPUs); float32 otherwise.
+        bf16: bfloat16 mixed precision (GPUs): frozen weights load in bfloat16, trained ones stay float32 (with
+            DeepSpeed, its engine keeps their float32 master copy); float32 throughout otherwise.
         gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
         save_steps: optimizer steps between resumable checkpoints.
         logging_steps: optimizer steps between loss log rows.
         seed: seed of initialisation and data order.
         dataloader_workers: DataLoader worker processes.
-        deepspeed: a DeepSpeed JSON config (``config/deepspeed/zero2.json``) or None.
+        deepspeed: a DeepSpeed JSON config, relative to the working directory, or None for none.
         video_start_end: wrap the video positions in ``<vid_start>``/``<vid_end>``, tokens added to the vocabulary
             whose embeddings train with the projector (Video-ChatGPT's ``--mm_use_vid_start_end``).
         trace_batches: append each batch's record ids to ``<output_dir>/batches.log`` (the data order).
         max_frames: train on at most this many of each video's cached frames, evenly spaced (``frames`` pooling
             only; VideoChat-Flash's stages on 4 and 8 frames reuse the features cached for its long-video stages).
+        report_to: where the Trainer reports metrics besides ``loss.tsv``: any of :data:`REPORTERS` that is
+            installed (TensorBoard events go to ``<output_dir>/tensorboard``); ``[]`` for none.
     """
 
     name: str
-    llm: str
     template: str
-    train_data: str
-    features_index: str
-    output_dir: str
-    init: str | None = None
     mm_projector_type: str = "linear"
     mm_projector_init: str | None = None
     train_mm_projector: bool = True
@@ -104,10 +107,11 @@ class StageConfig:
     logging_steps: int = 1
     seed: int = 0
     dataloader_workers: int = 0
-    deepspeed: str | None = None
+    deepspeed: str | None = "config/deepspeed/zero2.json"
     video_start_end: bool = False
     trace_batches: bool = False
     max_frames: int | None = None
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -132,6 +136,11 @@ class StageConfig:
                 problems.append(f"{key}: must be >= 1, got {getattr(self, key)}")
         if self.epochs <= 0 or self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
             problems.append("need epochs > 0, learning_rate > 0 and 0 <= warmup_ratio < 1")
+        for name in self.report_to:
+            if name not in REPORTERS:
+                problems.append(f"report_to: {name!r} is not one of {sorted(REPORTERS)}")
+            elif not any(importlib.util.find_spec(module) for module in REPORTERS[name]):
+                problems.append(f"report_to: {name!r} is not installed (pip install {REPORTERS[name][0]})")
         if problems:
             raise ValueError(f"stage {self.name!r}: " + "; ".join(problems))
 
@@ -155,18 +164,16 @@ class StageConfig:
 STAGE_HYPERPARAMETERS = (
     "epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "warmup_ratio",
     "lr_scheduler", "weight_decay", "bf16", "gradient_checkpointing", "save_steps", "logging_steps", "seed",
-    "dataloader_workers", "deepspeed", "video_start_end", "trace_batches", "max_frames",
+    "dataloader_workers", "deepspeed", "video_start_end", "trace_batches", "max_frames", "report_to",
 )
 
 
-def resolve_stage(config: dict, name: str, results: str = "results") -> dict:
-    """The :class:`StageConfig` dict of stage ``name`` of a validated workflow config.
-
-    A stage's ``init`` names an earlier stage (its ``model/`` folder is the start) or is null (the base LLM and
-    a new ``mm_projector``). Paths follow the workflow's layout under ``results``.
+def resolve_stage(config: dict, name: str) -> dict:
+    """The :class:`StageConfig` dict of stage ``name`` of a validated workflow config: its settings, no paths.
 
     Raises:
-        ValueError: no such stage, or ``init`` names a stage that is not earlier in the list.
+        ValueError: no such stage, ``init`` names a stage that is not earlier in the list, or any check of
+            :class:`StageConfig` (so that a bad stage fails before any job starts, not in the training job).
     """
     names = [stage["name"] for stage in config["stages"]]
     if name not in names:
@@ -177,12 +184,7 @@ def resolve_stage(config: dict, name: str, results: str = "results") -> dict:
         raise ValueError(f"stages[{name}].init: {init!r} is not an earlier stage ({names[: names.index(name)]})")
     resolved = {
         "name": name,
-        "llm": config["llm"]["name_or_path"],
         "template": stage.get("template") or config["llm"]["template"],
-        "train_data": f"{results}/train/{name}/data.json",
-        "features_index": f"{results}/features/index.tsv",
-        "output_dir": f"{results}/train/{name}",
-        "init": None if init is None else f"{results}/train/{init}/model",
         "mm_projector_type": config["model"]["mm_projector_type"],
         "mm_projector_init": config["model"].get("mm_projector_init"),
         "train_mm_projector": stage["train"]["mm_projector"],
@@ -190,10 +192,49 @@ def resolve_stage(config: dict, name: str, results: str = "results") -> dict:
         "lora": stage.get("lora") if stage["train"]["llm"] == "lora" else None,
         **{key: stage[key] for key in STAGE_HYPERPARAMETERS if key in stage},
     }
-    StageConfig.from_dict(resolved)  # fail here, before any job starts, not in the training job
+    StageConfig.from_dict(resolved)
     return resolved
 
 
-def stage_model_dir(config: StageConfig) -> Path:
-    """Where a stage's final model folder goes."""
-    return Path(config.output_dir) / "model"
+@dataclass
+class StagePaths:
+    """Where a stage reads and writes, as its training rule passes them (``stage_inputs`` in
+    ``workflow/rules/common.smk`` decides them; nothing here computes a path).
+
+    Attributes:
+        train_data: JSON list of LLaVA records to train on.
+        features_index: the features ``index.tsv``.
+        init: what the stage starts from: an earlier stage's ``model/`` folder, or the base LLM (hub name or
+            local folder) with a new ``mm_projector``.
+        output_dir: the stage's folder (``model/``, ``loss.tsv``, ``checkpoints/``, ``tensorboard/``).
+    """
+
+    train_data: str
+    features_index: str
+    init: str
+    output_dir: str
+
+    @property
+    def model_dir(self) -> str:
+        """The stage folder this stage writes: ``<output_dir>/model``."""
+        return f"{self.output_dir}/model"
+
+    def argv(self) -> list[str]:
+        """The command-line options of :func:`add_path_arguments` that give these paths."""
+        return [item for f in fields(self) for item in (f"--{f.name.replace('_', '-')}", getattr(self, f.name))]
+
+
+def add_path_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--train-data --features-index --init --output-dir`` (:class:`StagePaths`, all required), the options
+    of ``pipeline.train.launch`` and of every process it starts (none is a prefix of a ``torchrun`` option,
+    which torchrun's parser would take for its own)."""
+    helps = {"train_data": "the stage's records (JSON)", "features_index": "the features index.tsv",
+             "init": "an earlier stage's model folder, or the base LLM (hub name or folder)",
+             "output_dir": "the stage's folder (model/, loss.tsv, checkpoints/)"}
+    for f in fields(StagePaths):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=True, help=helps[f.name])
+
+
+def paths_from_args(args: argparse.Namespace) -> StagePaths:
+    """The :class:`StagePaths` of parsed :func:`add_path_arguments` options."""
+    return StagePaths(**{f.name: getattr(args, f.name) for f in fields(StagePaths)})

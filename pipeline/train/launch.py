@@ -1,6 +1,7 @@
 """Start the processes of a training stage, and say what its SLURM job must ask for.
 
-- one process: ``python -m pipeline.train.stage`` (on the CPU DeepSpeed runs with gloo);
+- one process: ``python -m pipeline.train.stage`` (on the CPU DeepSpeed runs with gloo), given the launcher's
+  ``--config`` and paths (``--train-data --features-index --init --output-dir``);
 - several processes on one machine outside SLURM: ``torchrun --standalone --nproc_per_node <n>``;
 - inside a SLURM allocation with several processes: ``srun`` starts one task per GPU (or per CPU process)
   across the job's nodes; each task takes its rank from SLURM (:func:`slurm_rank_env`) and meets the others at
@@ -23,7 +24,9 @@ import shlex
 import subprocess
 import sys
 
-from pipeline import configure_logging
+from pipeline.cli import parser as cli_parser
+from pipeline.cli import run
+from pipeline.train.config import add_path_arguments, paths_from_args
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +43,13 @@ def rendezvous_port(job_id: str) -> int:
     return 15000 + int(job_id) % 20000 if job_id.isdigit() else 29500
 
 
-def build_command(config: str, gpus: int, nodes: int, processes: int | None = None, cpus: int = 1,
+def build_command(stage_args: list[str], gpus: int, nodes: int, processes: int | None = None, cpus: int = 1,
                   in_slurm: bool = False, python: str = sys.executable) -> list[str]:
-    """The command line that runs stage ``config`` on ``nodes`` nodes with ``gpus`` GPUs each.
+    """The command line that runs a stage on ``nodes`` nodes with ``gpus`` GPUs each.
 
     Args:
+        stage_args: the options of every ``pipeline.train.stage`` process (``--config`` and the paths of
+            :func:`pipeline.train.config.add_path_arguments`).
         gpus: GPUs per node (0: CPU).
         nodes: nodes of the job.
         processes: processes per node (default: one per GPU, or one on the CPU; several CPU processes train
@@ -55,7 +60,7 @@ def build_command(config: str, gpus: int, nodes: int, processes: int | None = No
     Raises:
         ValueError: counts below their minimum, or several nodes outside a SLURM allocation.
     """
-    stage = [python, "-m", "pipeline.train.stage", "--config", config]
+    stage = [python, "-m", "pipeline.train.stage", *stage_args]
     n = per_node(gpus, processes)
     if gpus < 0 or nodes < 1 or n < 1:
         raise ValueError(f"need gpus >= 0, nodes >= 1 and processes >= 1, got {gpus}, {nodes}, {n}")
@@ -117,17 +122,25 @@ def slurm_resources(resources: dict) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.train.launch --config STAGE.yaml --gpus G --nodes N``: the training rules' command."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+def parser() -> argparse.ArgumentParser:
+    """``python -m pipeline.train.launch --config STAGE.yaml --train-data D --features-index I --init I
+    --output-dir O --gpus G --nodes N``: the training rules' command."""
+    parser = cli_parser(__spec__.name, __doc__)
+    parser.add_argument("--config", required=True, help="the stage's settings (stage.yaml)")
+    add_path_arguments(parser)
     parser.add_argument("--gpus", type=int, default=0, help="GPUs per node")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--processes", type=int, default=0, help="processes per node (0: one per GPU, or one)")
     parser.add_argument("--cpus", type=int, default=1, help="CPU cores per node")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Replace this process with the stage's processes (:func:`build_command`)."""
+    args = parser().parse_args(argv)
     job = os.environ.get("SLURM_JOB_ID")
-    command = build_command(args.config, args.gpus, args.nodes, args.processes or None, args.cpus,
+    stage_args = ["--config", args.config, *paths_from_args(args).argv()]
+    command = build_command(stage_args, args.gpus, args.nodes, args.processes or None, args.cpus,
                             in_slurm=job is not None)
     if job:
         os.environ.setdefault("MASTER_PORT", str(rendezvous_port(job)))
@@ -140,5 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

@@ -10,23 +10,28 @@ reads the downloaded files directly and cuts segments here, for recipes that do 
 
 from __future__ import annotations
 
-import sys
+import argparse
 
-from pipeline import configure_logging
+from pipeline.cli import run
 from pipeline.shards import stage_parser
 from pipeline.video.ffmpeg import add_encoding_arguments, encode_shard, encoding_from_args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.video.compress --input STATUS --out-dir D --status T``: the compress rule."""
-    parser = stage_parser(__doc__.splitlines()[0], "the transcode (or, single-pass, download) status table")
+def parser() -> argparse.ArgumentParser:
+    """``python -m pipeline.video.compress --input STATUS --out-dir D --status T ...``: the compress rule."""
+    parser = stage_parser(__spec__.name, __doc__, "the transcode (or, single-pass, download) status table")
     parser.add_argument("--fps", type=float, default=3.0, help="frames per second")
     parser.add_argument("--size", type=int, default=224, help="short side in pixels")
     add_encoding_arguments(parser, crf=23)
-    args = parser.parse_args(argv)
-    return encode_shard(args, encoding_from_args(args, fps=args.fps, size=args.size, audio=False), "compress")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compress every video of a shard; the exit code of :func:`pipeline.shards.finish`."""
+    cli = parser()
+    args = cli.parse_args(argv)
+    return encode_shard(args, encoding_from_args(cli, args, fps=args.fps, size=args.size, audio=False), "compress")
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

@@ -1,21 +1,36 @@
 """Probing (PyAV) and the one H.264 encode (ffmpeg through ffmpeg-python) every video stage runs.
 
 Every failure names what the tool said. A video that ffmpeg "converts" but only partly (a truncated file, a stream
-corrupt in the middle, no decodable frame) is an :class:`ItemError` too, never a silently shorter clip.
+corrupt in the middle, no decodable frame) is an :class:`ItemError` too, never a silently shorter clip. Settings
+that cannot work for any video (an unknown x264 preset) fail the job before its first video
+(:func:`check_encoding`), rather than every video's row.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
+import math
 import re
 import subprocess
-from dataclasses import asdict, dataclass
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import av
 import ffmpeg
 
-from pipeline.shards import STATUS_COLUMNS, ItemError, JobError, ShardTask, finish, ok_rows, run_shard
+from pipeline.shards import (
+    RUNTIME,
+    STATUS_COLUMNS,
+    ItemError,
+    JobError,
+    ShardTask,
+    finish,
+    ok_rows,
+    run_shard,
+    settings_of,
+)
 
 INFO_COLUMNS = ["duration", "fps", "width", "height", "codec", "frames"]
 COLUMNS = STATUS_COLUMNS + INFO_COLUMNS
@@ -25,6 +40,8 @@ _NOT_VIDEO_CONTAINERS = {"tty", "image2"}
 # An output shorter than this share of what the input promised (minus half a second) is a truncated input.
 TRUNCATION_RATIO = 0.9
 _COPYABLE_CONTAINERS = {".mp4", ".m4v"}
+# Bytes read to tell a text file: a video container's header has NUL bytes or bytes that are not UTF-8 within these.
+_TEXT_SNIFF_BYTES = 4096
 
 
 av.logging.set_level(av.logging.ERROR)  # libav's own message (e.g. "moov atom not found") joins its exceptions
@@ -88,24 +105,48 @@ def display_rotation(path: str | Path) -> int:
         raise ItemError(f"libav: {exc.strerror}") from None
     except (StopIteration, ValueError):
         return 0
-    return int(round(frame.rotation)) % 360 if frame is not None else 0
+    return round(frame.rotation) % 360 if frame is not None else 0
+
+
+def text_start(path: str | Path) -> str | None:
+    """The start of ``path`` (at most 40 characters, whitespace runs as one space) when its first 4 KiB are text:
+    UTF-8 without NUL or other control characters but whitespace. None for any other file, a video among them."""
+    with open(path, "rb") as file:
+        head = file.read(_TEXT_SNIFF_BYTES)
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the 4 KiB mark is fine
+    except UnicodeDecodeError:
+        return None
+    if not text or any(char < " " and char not in "\t\n\r\f" for char in text):
+        return None
+    return " ".join(text.split())[:40]
+
+
+def _unreadable(path: str | Path, reason: str) -> ItemError:
+    """The error of a file libav cannot take as a video: ``not a video: text, starting '...'`` when it is text
+    (whatever its extension: a text file named .mp4 makes libav say "moov atom not found"), else ``reason``."""
+    start = text_start(path)
+    return ItemError(reason if start is None else f"not a video: text, starting {start!r}")
 
 
 def probe(path: str | Path) -> VideoInfo:
     """Probe ``path`` in-process with PyAV (libav): a few milliseconds, where an ffprobe process takes ~80.
 
     Raises:
-        ItemError: the file is missing, libav cannot open it (``libav: <its message>``, e.g. ``moov atom not
-            found``), it is text or a still image that ffmpeg would render as video, it has no video stream, or no
-            positive duration.
+        ItemError: the file is missing, empty (``empty file (0 bytes)``), text (``not a video: text, starting
+            '...'``, or ``not a video: libav reads it as 'tty'`` where its extension makes libav render it), a still
+            image that ffmpeg would render as video, libav cannot open it (``libav: <its message>``, e.g. ``moov
+            atom not found``), it has no video stream, or no positive duration.
     """
     if not Path(path).is_file():
         raise ItemError(f"missing file: {path}")
+    if Path(path).stat().st_size == 0:
+        raise ItemError("empty file (0 bytes)")
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except av.FFmpegError as exc:
         detail = f" ({exc.log[1]}: {exc.log[2].strip()})" if getattr(exc, "log", None) else ""
-        raise ItemError(f"libav: {exc.strerror}{detail}"[:300]) from None
+        raise _unreadable(path, f"libav: {exc.strerror}{detail}"[:300]) from None
     with container:
         name = container.format.name
         if name in _NOT_VIDEO_CONTAINERS or name.endswith("_pipe"):
@@ -114,7 +155,7 @@ def probe(path: str | Path) -> VideoInfo:
         videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
         if not videos:
             kinds = sorted({"cover art" if s.type == "video" else s.type for s in container.streams}) or ["none"]
-            raise ItemError(f"no video stream (streams: {', '.join(kinds)})")
+            raise _unreadable(path, f"no video stream (streams: {', '.join(kinds)})")
         video = videos[0]
         audio = container.streams.audio[0] if container.streams.audio else None
         if container.duration:
@@ -122,7 +163,7 @@ def probe(path: str | Path) -> VideoInfo:
         else:
             duration = float(video.duration * video.time_base) if video.duration and video.time_base else 0.0
         if duration <= 0:
-            raise ItemError(f"no positive duration (libav says {duration})")
+            raise _unreadable(path, f"no positive duration (libav says {duration})")
         return VideoInfo(
             duration=duration,
             fps=float(video.average_rate or video.guessed_rate or 0),
@@ -195,23 +236,37 @@ class Encoding:
     Attributes:
         crf: x264 constant rate factor (lower is better; 18-23 is visually lossless to good).
         preset: x264 speed preset (``veryfast``, ``medium``, ...).
-        timeout_s: seconds one video may take.
+        timeout_s: seconds one video may take (runtime: a change redoes no finished video).
         max_decode_errors: input problems ffmpeg may report (:func:`decode_errors`) before the video counts as
             corrupt; 0 fails on the first.
         fps: output frames per second (constant; frames dropped or repeated), or None to keep the input's timing.
         size: output short side in pixels (aspect kept, even dimensions), or None to keep the input's size.
         audio: keep the first audio stream as AAC 128 kbit/s.
-        threads: ffmpeg threads of one process.
+        threads: ffmpeg threads of one process (runtime).
     """
 
     crf: int = 18
     preset: str = "veryfast"
-    timeout_s: float = 600
+    timeout_s: float = field(default=600, metadata=RUNTIME)
     max_decode_errors: int = 0
     fps: float | None = None
     size: int | None = None
     audio: bool = True
-    threads: int = 1
+    threads: int = field(default=1, metadata=RUNTIME)
+
+    def __post_init__(self) -> None:
+        """Raises ValueError naming the field whose value ffmpeg would reject for every video, or take silently
+        for something else (a ``size`` of 0 keeps the input's size, a ``crf`` above 51 acts as 51)."""
+        for name, ok, rule in [
+            ("crf", 0 <= self.crf <= 51, "0 to 51"),
+            ("timeout_s", math.isfinite(self.timeout_s) and self.timeout_s > 0, "finite seconds > 0"),
+            ("max_decode_errors", self.max_decode_errors >= 0, ">= 0"),
+            ("fps", self.fps is None or (math.isfinite(self.fps) and self.fps > 0), "a finite number > 0, or None"),
+            ("size", self.size is None or self.size >= 2, "pixels >= 2, or None"),
+            ("threads", self.threads >= 0, ">= 0 (0: auto)"),
+        ]:
+            if not ok:
+                raise ValueError(f"Encoding.{name}: {getattr(self, name)!r} must be {rule}")
 
 
 def encode(row: dict, dest: str | Path, encoding: Encoding) -> dict:
@@ -281,19 +336,53 @@ def add_encoding_arguments(parser: argparse.ArgumentParser, crf: int) -> None:
                         help="ffmpeg error messages tolerated per video before it counts as corrupt")
 
 
-def encoding_from_args(args: argparse.Namespace, **overrides) -> Encoding:
-    """The :class:`Encoding` of a stage's parsed ``add_encoding_arguments`` options, with ``overrides``."""
-    return Encoding(crf=args.crf, preset=args.preset, timeout_s=args.timeout,
-                    max_decode_errors=args.max_decode_errors, **overrides)
+def encoding_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, **overrides) -> Encoding:
+    """The :class:`Encoding` of a stage's parsed ``add_encoding_arguments`` options, with ``overrides``; a value
+    out of range is the ``parser``'s error (exit code 2, naming the setting)."""
+    try:
+        return Encoding(crf=args.crf, preset=args.preset, timeout_s=args.timeout,
+                        max_decode_errors=args.max_decode_errors, **overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def check_encoding(encoding: Encoding) -> None:
+    """Encode a generated clip with ``encoding`` (1 s of ffmpeg's test pattern, 64 x 48 px at 10 fps with a tone,
+    FFV1 + FLAC in mkv, so it is always re-encoded), the way :func:`encode` encodes a video. Settings that fail on
+    it (an x264 preset this ffmpeg does not know, a frame rate the ``fps`` filter rejects, no libx264) fail on every
+    video: the job's fault, not a video's. About 0.2 s.
+
+    Raises:
+        JobError: the test clip fails to encode (the message names the settings and what ffmpeg said), or ffmpeg
+            cannot make it or is not installed.
+    """
+    with tempfile.TemporaryDirectory(prefix="check-encoding-") as tmp:
+        clip = Path(tmp) / "testsrc.mkv"
+        pattern = ffmpeg.input("testsrc=size=64x48:rate=10:duration=1", f="lavfi")
+        tone = ffmpeg.input("sine=duration=1", f="lavfi")
+        code, log = run(ffmpeg.output(pattern, tone, str(clip), vcodec="ffv1", acodec="flac"), 60)
+        if code:
+            raise JobError(f"ffmpeg cannot generate a test clip: {_tool_message(log)}")
+        try:
+            encode({"path": str(clip)}, Path(tmp) / "out.mp4", encoding)
+        except ItemError as exc:
+            settings = ", ".join(f"{key}={value!r}" for key, value in asdict(encoding).items())
+            raise JobError(f"the encoding settings cannot work: a generated test clip fails with them ({settings}): "
+                           f"{exc}") from None
 
 
 def encode_shard(args: argparse.Namespace, encoding: Encoding, stage: str) -> int:
-    """Encode every ``ok`` row of ``args.input`` into ``args.out_dir``; write ``args.status``; return the exit code."""
+    """Encode every ``ok`` row of ``args.input`` into ``args.out_dir``; write ``args.status``; return the exit code.
+
+    Raises:
+        JobError: the settings fail on a generated test clip (:func:`check_encoding`), before any video is tried.
+    """
+    check_encoding(encoding)
     task = ShardTask(
         ext=".mp4",
         produce=lambda row, tmp: encode(row, tmp, encoding),
         describe=lambda path: probe(path).fields(),
-        settings={"stage": stage, **asdict(encoding)},
+        settings={"stage": stage, **settings_of(encoding)},
     )
     status = run_shard(ok_rows(args.input), task, args.out_dir, args.threads, desc=stage)
     return finish(status, args.status, COLUMNS, args.strict)

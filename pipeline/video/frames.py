@@ -34,7 +34,7 @@ class FrameSampling:
     """
 
     method: str = "midpoints"
-    num_frames: int = 16
+    num_frames: int = 100
     fps: float = 1.0
     min_frames: int = 1
     max_frames: int = 512

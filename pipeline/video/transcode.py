@@ -8,21 +8,26 @@ Something-Something-v2 recipe (``scripts/dataset/webm2mp4.py``: webm -> mp4) is 
 
 from __future__ import annotations
 
-import sys
+import argparse
 
-from pipeline import configure_logging
+from pipeline.cli import run
 from pipeline.shards import stage_parser
 from pipeline.video.ffmpeg import add_encoding_arguments, encode_shard, encoding_from_args
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m pipeline.video.transcode --input STATUS --out-dir D --status T``: the transcode rule."""
-    parser = stage_parser(__doc__.splitlines()[0], "the download stage's status table")
+def parser() -> argparse.ArgumentParser:
+    """``python -m pipeline.video.transcode --input STATUS --out-dir D --status T ...``: the transcode rule."""
+    parser = stage_parser(__spec__.name, __doc__, "the download stage's status table")
     add_encoding_arguments(parser, crf=18)
-    args = parser.parse_args(argv)
-    return encode_shard(args, encoding_from_args(args, audio=True), "transcode")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Transcode every video of a shard; the exit code of :func:`pipeline.shards.finish`."""
+    cli = parser()
+    args = cli.parse_args(argv)
+    return encode_shard(args, encoding_from_args(cli, args, audio=True), "transcode")
 
 
 if __name__ == "__main__":
-    configure_logging()
-    sys.exit(main())
+    run(main)

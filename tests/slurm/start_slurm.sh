@@ -11,6 +11,9 @@
 #                  (then snakemake needs slurm-status-command: squeue) (default 1)
 #   SLURM_FAKE_GPUS number of fake GPUs declared as GRES gpu (0 = none) (default 2)
 #   SLURM_ACCOUNT  account created in slurmdbd for the current user (default ci)
+#   SLURM_STARTED_FILE  where `start` lists the daemons it started that were not running before (name and pid
+#                  file, one a line), and what `stop` stops (default $SLURM_CI_DIR/started): a cluster, or a
+#                  munged or MariaDB, that was already running is left running.
 # Usage: start_slurm.sh [start|stop]
 set -euo pipefail
 
@@ -22,18 +25,34 @@ NODE=$(hostname -s)
 ETC=/etc/slurm
 export DEBIAN_FRONTEND=noninteractive
 
+STARTED=${SLURM_STARTED_FILE:-$D/started}
+
 log() { echo "[start_slurm $(date +%T)] $*"; }
 alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+munge_up() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
-stop_all() {
-  # only daemons started by this script (pid files in $D)
-  for p in slurmctld slurmd slurmdbd mariadb; do
-    if alive "$D/$p.pid"; then log "stopping $p ($(cat "$D/$p.pid"))"; kill "$(cat "$D/$p.pid")"; fi
+stop_started() {
+  # only the daemons the last `start` started (listed in $STARTED), the last started first
+  [ -s "$STARTED" ] || { log "nothing to stop ($STARTED lists no daemon)"; return 0; }
+  tac "$STARTED" | while read -r name pidfile; do
+    if alive "$pidfile"; then
+      pid=$(cat "$pidfile"); log "stopping $name ($pid)"; kill "$pid" || true
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    fi
   done
-  sleep 2
+  : > "$STARTED"
 }
 
-if [ "${1:-start}" = stop ]; then stop_all; exit 0; fi
+if [ "${1:-start}" = stop ]; then stop_started; exit 0; fi
+
+mkdir -p "$D"
+# what runs already is not this run's to stop
+before=" "
+command -v munge >/dev/null && munge_up && before+="munged "
+command -v mariadb-admin >/dev/null && mariadb-admin ping >/dev/null 2>&1 && before+="mariadb "
+for p in slurmdbd slurmctld slurmd; do alive "$D/$p.pid" && before+="$p "; done
+: > "$STARTED"
+mark() { case "$before" in *" $1 "*) ;; *) echo "$1 $2" >> "$STARTED" ;; esac; }
 
 # ---------- 1. packages ----------
 pkgs=(slurmctld slurmd slurm-client munge)
@@ -54,11 +73,12 @@ if [ ! -s /etc/munge/munge.key ]; then
   chown munge:munge /etc/munge/munge.key; chmod 400 /etc/munge/munge.key
 fi
 install -d -o munge -g munge -m 0755 /run/munge
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+if ! munge_up; then
   log "starting munged"
   rm -f /run/munge/munged.pid
   runuser -u munge -- /usr/sbin/munged
-  for _ in $(seq 1 20); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.5; done
+  for _ in $(seq 1 20); do munge_up && break; sleep 0.5; done
+  mark munged /run/munge/munged.pid
 fi
 
 # ---------- 3. fake GPUs (char devices; gres/gpu ignores File-less entries) ----------
@@ -148,6 +168,7 @@ if [ "$WITH_DBD" = 1 ]; then
       </dev/null >"$D/log/mariadb.log" 2>&1 &
     for _ in $(seq 1 60); do mariadb-admin ping >/dev/null 2>&1 && break; sleep 0.5; done
     cp /run/mysqld/mysqld.pid "$D/mariadb.pid"
+    mark mariadb "$D/mariadb.pid"
   fi
   mariadb -e "CREATE DATABASE IF NOT EXISTS slurm_acct_db;
     CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurmpw';
@@ -176,13 +197,14 @@ EOF
     log "starting slurmdbd"
     slurmdbd                       # daemonizes, writes $D/slurmdbd.pid
     for _ in $(seq 1 60); do (exec 3<>/dev/tcp/127.0.0.1/6819) 2>/dev/null && break; sleep 0.5; done
+    mark slurmdbd "$D/slurmdbd.pid"
   fi
 fi
 
 # ---------- 6. slurmctld + slurmd ----------
-if ! alive "$D/slurmctld.pid"; then log "starting slurmctld"; slurmctld; fi
+if ! alive "$D/slurmctld.pid"; then log "starting slurmctld"; slurmctld; mark slurmctld "$D/slurmctld.pid"; fi
 for _ in $(seq 1 60); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
-if ! alive "$D/slurmd.pid"; then log "starting slurmd"; slurmd; fi
+if ! alive "$D/slurmd.pid"; then log "starting slurmd"; slurmd; mark slurmd "$D/slurmd.pid"; fi
 
 if [ "$WITH_DBD" = 1 ]; then
   USER_NAME=$(id -un)

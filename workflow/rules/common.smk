@@ -2,9 +2,10 @@
 # lives in pipeline/ (pipeline.train.config.resolve_stage).
 
 import json
-import shlex
+import sys
 from pathlib import Path
 
+from pipeline.config import missing_inputs
 from pipeline.train.config import resolve_stage
 
 RESULTS = "results"
@@ -13,14 +14,18 @@ BENCHMARKS = f"{RESULTS}/benchmarks"
 STAGES = [stage["name"] for stage in config["stages"]]
 DATASETS = [dataset["name"] for dataset in config["instructions"]["datasets"]]
 EVAL_STAGE = config["evaluate"]["stage"] or STAGES[-1]
-STRICT = "--strict" if config["data"]["strict"] else ""
+STRICT = str(config["data"]["strict"]).lower()
 SINGLE_PASS = config["compress"]["single_pass"]
 # The per-shard stages in order; single-pass compression reads the downloads and skips transcode.
 DATA_STAGES = ("download", "compress", "features") if SINGLE_PASS else ("download", "transcode", "compress", "features")
-VIDEO_OPTIONS = f"--timeout {config['data']['video_timeout']} --max-decode-errors {config['data']['max_decode_errors']}"
+DEMO_MANIFEST = "resources/demo/manifest.tsv"  # written by rule demo_manifest
 
 if EVAL_STAGE not in STAGES:
-    raise ValueError(f"evaluate.stage: {EVAL_STAGE!r} is not a stage; stages are {STAGES}")
+    sys.exit(f"config error: evaluate.stage: {EVAL_STAGE!r} is not a stage; stages are {STAGES}")
+_made = {DEMO_MANIFEST, *([config["llm"]["name_or_path"]] if config["llm"]["gguf"] else [])}
+_missing = missing_inputs(config, _made, workflow.configfiles)
+if _missing:
+    sys.exit("\n".join(_missing))
 
 
 wildcard_constraints:
@@ -51,29 +56,42 @@ def dataset_config(name):
 
 
 def dataset_options(name):
-    """The dataset's converter options (pipeline.data.formats.Options) as a quoted JSON argument."""
+    """The dataset's converter options (pipeline.data.formats.Options) as JSON."""
     keys = ("root", "labels", "images", "split", "video_placement")
-    return shlex.quote(json.dumps({key: dataset_config(name)[key] for key in keys}))
+    return json.dumps({key: dataset_config(name)[key] for key in keys})
+
+
+def allowed_roots():
+    """Where local sources may be read from: download.allowed_roots, else the manifest's folder."""
+    return config["download"]["allowed_roots"] or [str(Path(config["data"]["manifest"]).parent)]
 
 
 def stage_mix(name):
-    """The stage's data mix: [{dataset, records, ratio, max_records}], every dataset whole when it names none."""
+    """The stage's data mix: [{dataset, records, ratio, max_records}] (the schema fills ratio and max_records),
+    every dataset whole when it names none."""
     entries = stage_config(name).get("data") or [{"dataset": dataset} for dataset in DATASETS]
     unknown = [entry["dataset"] for entry in entries if entry["dataset"] not in DATASETS]
     if unknown:
-        raise ValueError(f"stages[{name}].data: unknown dataset(s) {unknown}; datasets are {DATASETS}")
-    return [{"ratio": 1.0, "max_records": None, **entry,
-             "records": f"{RESULTS}/instructions/{entry['dataset']}/train.json"} for entry in entries]
+        sys.exit(f"config error: stages[{name}].data: unknown dataset(s) {unknown}; datasets are {DATASETS}")
+    return [{**entry, "records": f"{RESULTS}/instructions/{entry['dataset']}/train.json"} for entry in entries]
+
+
+def stage_init(name):
+    """What a training stage starts from: the model folder of its `init` stage, else the base LLM (hub name or
+    folder)."""
+    init = stage_config(name).get("init")
+    return f"{RESULTS}/train/{init}/model" if init else config["llm"]["name_or_path"]
 
 
 def stage_inputs(name):
-    """What a training stage reads besides its stage.yaml: the data, and the model it starts from."""
-    init = stage_config(name).get("init")
-    start = f"{RESULTS}/train/{init}/model" if init else local_llm()
+    """What a training stage reads besides its stage.yaml: the data, the features index, and the model it starts
+    from when a rule makes it (an earlier stage, or the base LLM converted from a GGUF file). The training rule
+    passes these paths to the stage; nothing else decides them."""
+    made = stage_config(name).get("init") or local_llm()
     return {
         "train": f"{RESULTS}/train/{name}/data.json",
         "index": f"{RESULTS}/features/index.tsv",
-        **({"start": start} if start else {}),
+        **({"init": stage_init(name)} if made else {}),
     }
 
 
@@ -106,5 +124,5 @@ def status_tables(wildcards):
 
 
 def summary_stage_args(wildcards):
-    """`--stage NAME TABLE...` arguments of the summary page, one per data stage."""
-    return " ".join(f"--stage {stage} {' '.join(tables)}" for stage, tables in status_tables(wildcards).items())
+    """`--stage NAME TABLE...` arguments of the summary page, one per data stage (quoted with :q in the rule)."""
+    return [arg for stage, tables in status_tables(wildcards).items() for arg in ("--stage", stage, *tables)]

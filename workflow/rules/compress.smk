@@ -12,7 +12,8 @@ rule compress:
         size=config["compress"]["size"],
         crf=config["compress"]["crf"],
         preset=config["compress"]["preset"],
-        video=VIDEO_OPTIONS,
+        timeout=config["data"]["video_timeout"],
+        max_decode_errors=config["data"]["max_decode_errors"],
         strict=STRICT,
     threads: 4
     resources:
@@ -25,6 +26,7 @@ rule compress:
     conda:
         "../../envs/video.yaml"
     shell:
-        "python -m pipeline.video.compress --input {input.status} --out-dir {output.videos} --status {output.status}"
-        " --fps {params.fps} --size {params.size} --crf {params.crf} --preset {params.preset} --threads {threads}"
-        " {params.video} {params.strict} > {log} 2>&1"
+        "python -m pipeline.video.compress --input {input.status:q} --out-dir {output.videos:q}"
+        " --status {output.status:q} --fps {params.fps:q} --size {params.size:q} --crf {params.crf:q}"
+        " --preset {params.preset:q} --threads {threads} --timeout {params.timeout:q}"
+        " --max-decode-errors {params.max_decode_errors:q} --strict {params.strict:q} > {log:q} 2>&1"

@@ -6,7 +6,7 @@ rule demo_manifest:
     input:
         spec="resources/demo/sources.yaml",
     output:
-        "resources/demo/manifest.tsv",
+        DEMO_MANIFEST,
     log:
         f"{LOGS}/demo_manifest.log",
     benchmark:
@@ -15,7 +15,7 @@ rule demo_manifest:
     conda:
         "../../envs/video.yaml"
     shell:
-        "python -m pipeline.manifest packages --spec {input.spec} --out {output} > {log} 2>&1"
+        "python -m pipeline.manifest packages --spec {input.spec:q} --out {output:q} > {log:q} 2>&1"
 
 
 checkpoint shards:
@@ -34,7 +34,8 @@ checkpoint shards:
     conda:
         "../../envs/video.yaml"
     shell:
-        "python -m pipeline.shards --manifest {input} --shard-size {params.shard_size} --out {output} > {log} 2>&1"
+        "python -m pipeline.shards --manifest {input:q} --shard-size {params.shard_size:q} --out {output:q}"
+        " > {log:q} 2>&1"
 
 
 rule download:
@@ -47,6 +48,7 @@ rule download:
     params:
         timeout=config["download"]["timeout"],
         retries=config["download"]["retries"],
+        allowed_roots=allowed_roots(),
         strict=STRICT,
     threads: 4
     log:
@@ -57,5 +59,6 @@ rule download:
     conda:
         "../../envs/video.yaml"
     shell:
-        "python -m pipeline.download --input {input.shard} --out-dir {output.videos} --status {output.status}"
-        " --threads {threads} --timeout {params.timeout} --retries {params.retries} {params.strict} > {log} 2>&1"
+        "python -m pipeline.download --input {input.shard:q} --out-dir {output.videos:q} --status {output.status:q}"
+        " --threads {threads} --timeout {params.timeout:q} --retries {params.retries:q}"
+        " --allowed-root {params.allowed_roots:q} --strict {params.strict:q} > {log:q} 2>&1"

@@ -23,6 +23,6 @@ rule evaluate:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.eval.generate --model {input.model} --records {input.records} --index {input.index}"
-        " --out-dir {params.out_dir} --max-new-tokens {params.max_new_tokens} --batch-size {params.batch_size}"
-        " > {log} 2>&1"
+        "python -m pipeline.eval.generate --model {input.model:q} --records {input.records:q} --index {input.index:q}"
+        " --out-dir {params.out_dir:q} --max-new-tokens {params.max_new_tokens:q} --batch-size {params.batch_size:q}"
+        " > {log:q} 2>&1"

@@ -7,7 +7,7 @@ rule features:
         status=f"{RESULTS}/features/{{shard}}.tsv",
         features=f"{RESULTS}/features/{{shard}}.h5",
     params:
-        config=shlex.quote(json.dumps({k: v for k, v in config["features"].items() if k != "resources"})),
+        config=json.dumps({k: v for k, v in config["features"].items() if k != "resources"}),
         strict=STRICT,
     threads: config["features"]["resources"]["cpus"]
     resources:
@@ -21,14 +21,17 @@ rule features:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.features.extract shard --input {input.status} --out {output.features}"
-        " --status {output.status} --config {params.config} --threads {threads} {params.strict} > {log} 2>&1"
+        "python -m pipeline.features.extract shard --input {input.status:q} --out {output.features:q}"
+        " --status {output.status:q} --config {params.config:q} --threads {threads} --strict {params.strict:q}"
+        " > {log:q} 2>&1"
 
 
 rule features_index:
-    """Map every video with features to its shard file, for random access in training."""
+    """Map every video with features to its shard file, for random access in training, after verifying every
+    shard (a deleted or damaged shard file is remade or named here, not in training)."""
     input:
-        per_shard(f"{RESULTS}/features/{{shard}}.tsv"),
+        status=per_shard(f"{RESULTS}/features/{{shard}}.tsv"),
+        shards=per_shard(f"{RESULTS}/features/{{shard}}.h5"),
     output:
         f"{RESULTS}/features/index.tsv",
     log:
@@ -39,4 +42,4 @@ rule features_index:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.features.extract index --out {output} {input} > {log} 2>&1"
+        "python -m pipeline.features.extract index --out {output:q} {input.status:q} > {log:q} 2>&1"

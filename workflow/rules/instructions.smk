@@ -23,9 +23,9 @@ rule instructions:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.data.instructions --annotations {input.annotations} --format {params.format}"
-        " --index {input.index} --out-dir {params.out_dir} --val-fraction {params.val_fraction}"
-        " --seed {params.seed} --options {params.options} > {log} 2>&1"
+        "python -m pipeline.data.instructions --annotations {input.annotations:q} --format {params.format:q}"
+        " --index {input.index:q} --out-dir {params.out_dir:q} --val-fraction {params.val_fraction:q}"
+        " --seed {params.seed:q} --options {params.options:q} > {log:q} 2>&1"
 
 
 rule stage_data:
@@ -36,8 +36,8 @@ rule stage_data:
         data=f"{RESULTS}/train/{{stage}}/data.json",
         counts=f"{RESULTS}/train/{{stage}}/data_counts.json",
     params:
-        spec=lambda wildcards: shlex.quote(json.dumps(stage_mix(wildcards.stage))),
-        seed=lambda wildcards: stage_config(wildcards.stage).get("seed", 0),
+        spec=lambda wildcards: json.dumps(stage_mix(wildcards.stage)),
+        seed=lambda wildcards: stage_config(wildcards.stage)["seed"],
     log:
         f"{LOGS}/stage_data/{{stage}}.log",
     benchmark:
@@ -46,5 +46,5 @@ rule stage_data:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.data.mixing --spec {params.spec} --seed {params.seed} --out {output.data}"
-        " --counts {output.counts} > {log} 2>&1"
+        "python -m pipeline.data.mixing --spec {params.spec:q} --seed {params.seed:q} --out {output.data:q}"
+        " --counts {output.counts:q} > {log:q} 2>&1"

@@ -20,7 +20,7 @@ rule loss_plot:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.report loss --loss {input} --title 'stage {wildcards.stage}' --out {output} > {log} 2>&1"
+        "python -m pipeline.report loss --loss {input:q} --stage {wildcards.stage:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule video_stats:
@@ -37,11 +37,12 @@ rule video_stats:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.report video-stats --out {output} {input} > {log} 2>&1"
+        "python -m pipeline.report video-stats --out {output:q} {input:q} > {log:q} 2>&1"
 
 
 rule summary:
-    """Videos kept and failed per data stage, instruction records kept and rejected, evaluation metrics."""
+    """Videos kept and failed per data stage, instruction records kept and rejected, evaluation metrics and
+    predictions, and what each rule cost (after the other report assets, so that their jobs are counted too)."""
     input:
         unpack(status_tables),
         rejected=f"{RESULTS}/shards",
@@ -49,10 +50,14 @@ rule summary:
         mixes=expand(f"{RESULTS}/train/{{stage}}/data_counts.json", stage=STAGES),
         metrics=f"{RESULTS}/eval/metrics.json",
         predictions=f"{RESULTS}/eval/predictions.jsonl",
+        assets=[f"{RESULTS}/report/video_stats.svg", *expand(f"{RESULTS}/report/loss_{{stage}}.svg", stage=STAGES),
+                f"{RESULTS}/report/rulegraph.svg"],
     output:
         report(f"{RESULTS}/report/summary.html", caption="../report/summary.rst", category="Data and evaluation"),
     params:
         stages=summary_stage_args,
+        benchmarks=BENCHMARKS,
+        train_metrics=expand(f"{RESULTS}/train/{{stage}}/train_metrics.json", stage=STAGES),
     log:
         f"{LOGS}/summary.log",
     benchmark:
@@ -61,10 +66,10 @@ rule summary:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.report summary {params.stages} --manifest-rejected {input.rejected}/rejected.tsv"
-        " --instructions {input.instructions} --mixes {input.mixes} --metrics {input.metrics}"
-        " --predictions {input.predictions}"
-        " --out {output} > {log} 2>&1"
+        "python -m pipeline.report summary {params.stages:q} --manifest-rejected {input.rejected:q}/rejected.tsv"
+        " --instructions {input.instructions:q} --mixes {input.mixes:q} --metrics {input.metrics:q}"
+        " --predictions {input.predictions:q} --benchmarks {params.benchmarks:q}"
+        " --train-metrics {params.train_metrics:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule run_config:
@@ -82,7 +87,8 @@ rule run_config:
 
 
 rule report_graphs:
-    """The rule graph and the job DAG of this workflow, rendered by graphviz."""
+    """The rule graph and the job DAG of this workflow, rendered by graphviz; in the DAG, a rule of more than 8
+    jobs (the per-shard stages of a large run) is one node with its job count."""
     input:
         config=f"{RESULTS}/report/config.yaml",
         shards=f"{RESULTS}/shards",  # after the checkpoint, so that the DAG shows every shard's jobs
@@ -97,6 +103,7 @@ rule report_graphs:
     conda:
         "../../envs/video.yaml"
     shell:
-        "(python -m snakemake --nolock --quiet all --configfile {input.config} --rulegraph | dot -Tsvg > {output.rulegraph}"
-        " && python -m snakemake --nolock --quiet all --configfile {input.config} --dag | dot -Tsvg > {output.dag})"
-        " 2> {log}"
+        "(python -m snakemake --nolock --quiet all --configfile {input.config:q} --rulegraph"
+        " | dot -Tsvg > {output.rulegraph:q}"
+        " && python -m snakemake --nolock --quiet all --configfile {input.config:q} --dag"
+        " | python -m pipeline.report collapse-dag | dot -Tsvg > {output.dag:q}) 2> {log:q}"

@@ -13,7 +13,7 @@ if config["llm"]["gguf"]:
         output:
             directory(config["llm"]["name_or_path"]),
         params:
-            package=f"--package {config['llm']['gguf']['package']}" if config["llm"]["gguf"].get("package") else "",
+            package=config["llm"]["gguf"].get("package") or "",  # empty: file is a path
             file=config["llm"]["gguf"]["file"],
         log:
             f"{LOGS}/convert_llm.log",
@@ -23,7 +23,8 @@ if config["llm"]["gguf"]:
         conda:
             "../../envs/train.yaml"
         shell:
-            "python -m pipeline.model.convert_gguf {params.package} --file {params.file} --out {output} > {log} 2>&1"
+            "python -m pipeline.model.convert_gguf --package {params.package:q} --file {params.file:q} --out {output:q}"
+            " > {log:q} 2>&1"
 
 
 rule stage_config:
@@ -31,7 +32,7 @@ rule stage_config:
     output:
         f"{RESULTS}/train/{{stage}}/stage.yaml",
     params:
-        stage=lambda wildcards: resolve_stage(config, wildcards.stage, RESULTS),
+        stage=lambda wildcards: resolve_stage(config, wildcards.stage),
     log:
         f"{LOGS}/stage_config/{{stage}}.log",
     localrule: True
@@ -52,6 +53,9 @@ for _stage in config["stages"]:
             model=directory(f"{RESULTS}/train/{_stage['name']}/model"),
             loss=f"{RESULTS}/train/{_stage['name']}/loss.tsv",
         params:
+            # input.init when a rule makes it (an earlier stage, a converted LLM); else a hub name or an existing folder
+            init=lambda wildcards, input: input.init if "init" in input.keys() else config["llm"]["name_or_path"],
+            output_dir=lambda wildcards, output: str(Path(output.model).parent),
             gpus=_stage["resources"]["gpus"],
             nodes=_stage["resources"]["nodes"],
             processes=_stage["resources"]["processes"] or 0,
@@ -65,5 +69,7 @@ for _stage in config["stages"]:
         conda:
             "../../envs/train.yaml"
         shell:  # exec: SIGTERM (preemption, time limit) reaches the stage, not a shell that would leave it behind
-            "exec python -m pipeline.train.launch --config {input.config} --gpus {params.gpus} --nodes {params.nodes}"
-            " --processes {params.processes} --cpus {threads} > {log} 2>&1"
+            "exec python -m pipeline.train.launch --config {input.config:q} --train-data {input.train:q}"
+            " --features-index {input.index:q} --init {params.init:q} --output-dir {params.output_dir:q}"
+            " --gpus {params.gpus:q} --nodes {params.nodes:q} --processes {params.processes:q} --cpus {threads:q}"
+            " > {log:q} 2>&1"

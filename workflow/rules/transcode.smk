@@ -9,7 +9,8 @@ rule transcode:
     params:
         crf=config["transcode"]["crf"],
         preset=config["transcode"]["preset"],
-        video=VIDEO_OPTIONS,
+        timeout=config["data"]["video_timeout"],
+        max_decode_errors=config["data"]["max_decode_errors"],
         strict=STRICT,
     threads: 4
     resources:
@@ -22,5 +23,7 @@ rule transcode:
     conda:
         "../../envs/video.yaml"
     shell:
-        "python -m pipeline.video.transcode --input {input.status} --out-dir {output.videos} --status {output.status}"
-        " --crf {params.crf} --preset {params.preset} --threads {threads} {params.video} {params.strict} > {log} 2>&1"
+        "python -m pipeline.video.transcode --input {input.status:q} --out-dir {output.videos:q}"
+        " --status {output.status:q} --crf {params.crf:q} --preset {params.preset:q} --threads {threads}"
+        " --timeout {params.timeout:q} --max-decode-errors {params.max_decode_errors:q} --strict {params.strict:q}"
+        " > {log:q} 2>&1"

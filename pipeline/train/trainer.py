@@ -1,0 +1,452 @@
+"""A training stage's model, Trainer and callbacks, and :func:`run_stage`, which trains it (the work of
+``python -m pipeline.train.stage``, see :mod:`pipeline.train.stage`)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+
+from pipeline.data.dataset import InstructionDataset, VideoCollator, fit_records, visual_rows
+from pipeline.data.templates import VIDEO_WRAP, get_template, video_wrap_ids
+from pipeline.features.store import FeatureStore
+from pipeline.io import atomic_path, publish_dir, read_json, read_yaml, write_json, write_table, write_yaml
+from pipeline.model.checkpoint import (
+    is_stage_folder,
+    llm_source,
+    load_stage,
+    load_trained,
+    read_stage_config,
+    save_trained,
+    write_stage_folder,
+)
+from pipeline.model.projector import build_projector, projector_weights
+from pipeline.model.video_llm import VideoLLM, gathered, load_llm
+from pipeline.train.config import StageConfig, StagePaths
+from pipeline.train.weights_only import restrict_torch_load
+
+log = logging.getLogger(__name__)
+
+LOSS_COLUMNS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "peak_memory_mib"]
+PREEMPTED = 143  # the exit code of a process ended by SIGTERM
+COMPLETE = "complete"  # the mark of a checkpoint written whole
+
+
+def stage_tokenizer(config: StageConfig, init: str):
+    """The stage's tokenizer and its size before added tokens: the ``init`` stage folder's (with any tokens earlier
+    stages added) or the base LLM's, with the video wrap tokens added when the stage asks for them."""
+    tokenizer = AutoTokenizer.from_pretrained(init)
+    base_vocab = read_stage_config(init)["base_vocab"] if is_stage_folder(init) else None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    base_vocab = len(tokenizer) if base_vocab is None else base_vocab
+    if config.video_start_end and not set(VIDEO_WRAP) <= set(tokenizer.get_vocab()):
+        tokenizer.add_special_tokens({"additional_special_tokens": list(VIDEO_WRAP)})
+    return tokenizer, base_vocab
+
+
+def precision(config: StageConfig) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of a stage's frozen and of its trained weights.
+
+    ``bf16`` without DeepSpeed: frozen weights bfloat16, trained ones float32, and the Trainer's bfloat16 autocast
+    does the mixed precision (as Video-ChatGPT's ``train.py``): AdamW on bfloat16 weights would round away every
+    update below half a bfloat16 ulp, at lr 2e-5 most of a 1024 x 4096 projector's. ``bf16`` with DeepSpeed:
+    bfloat16 throughout, as the engine wants its module (under ZeRO-3 it does not cast partitioned weights
+    itself), and its optimizer keeps the trained weights' float32 master copy. float32 otherwise.
+    """
+    if not config.bf16:
+        return torch.float32, torch.float32
+    return torch.bfloat16, torch.bfloat16 if config.deepspeed else torch.float32
+
+
+def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None, base_vocab: int | None = None
+                ) -> tuple[VideoLLM, dict]:
+    """The stage's model with exactly the stage's parameters trainable, in the dtypes of :func:`precision`, and
+    its stage metadata (:mod:`pipeline.model.checkpoint`, paths absolute).
+
+    Args:
+        init: an earlier stage's folder, or the base LLM (hub name or folder) with a new ``mm_projector``.
+        feature_dim: D, the width of the feature rows.
+        tokenizer, base_vocab: the stage's tokenizer and its size before added tokens; with more tokens than that,
+            the model gets (or keeps) an embedding table for them, initialised to the LLM's mean embedding.
+
+    Raises:
+        ValueError: the previous stage's projector expects another feature width than ``feature_dim``.
+    """
+    frozen, trained = precision(config)
+    llm_dtype = trained if config.llm_training == "full" else frozen
+    if is_stage_folder(init):
+        model, previous = load_stage(init, llm_dtype, mm_dtype=trained)
+        if previous["mm_hidden_size"] != feature_dim:
+            raise ValueError(f"{init}: mm_projector takes {previous['mm_hidden_size']}-wide features, "
+                             f"the features are {feature_dim} wide")
+        meta = {key: previous[key] for key in ("base_llm", "llm", "adapters", "mm_projector_type", "mm_hidden_size",
+                                               "hidden_size")}
+    else:
+        llm = load_llm(init, llm_dtype)
+        hidden = llm.get_input_embeddings().embedding_dim  # the weight may be ZeRO-3 partitioned
+        projector = build_projector(config.mm_projector_type, feature_dim, hidden)
+        if config.mm_projector_init:
+            _init_projector(projector, config.mm_projector_init)
+        model = VideoLLM(llm, projector.to(trained))
+        meta = {"base_llm": str(Path(init).resolve()) if Path(init).exists() else init, "llm": None,
+                "adapters": [], "mm_projector_type": config.mm_projector_type, "mm_hidden_size": feature_dim,
+                "hidden_size": hidden}
+    added = len(tokenizer) - base_vocab if tokenizer is not None and base_vocab is not None else 0
+    if added and (model.extra_embeddings is None or model.extra_embeddings.num_embeddings != added):
+        weight = model.llm.get_input_embeddings().weight
+        with gathered(weight):
+            mean = weight.detach().float().mean(0)
+        model.extra_embeddings = nn.Embedding.from_pretrained(mean.repeat(added, 1).to(trained), freeze=False)
+        model.base_vocab = base_vocab
+    meta["base_vocab"] = model.base_vocab if model.extra_embeddings is not None else None
+    model.requires_grad_(False)
+    model.mm_projector.requires_grad_(config.train_mm_projector)
+    if model.extra_embeddings is not None:
+        model.extra_embeddings.requires_grad_(config.train_mm_projector)
+    if config.llm_training == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.lora
+        model.llm = get_peft_model(model.llm, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ))
+        model.llm.peft_config["default"].base_model_name_or_path = llm_source(meta)  # never a cwd-relative path
+    elif config.llm_training == "full":
+        model.llm.requires_grad_(True)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != trained:
+            param.data = param.data.to(trained)
+    meta.update(stage=config.name, llm_training=config.llm_training, template=config.template,
+                video_start_end=config.video_start_end, max_frames=config.max_frames)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    log.info("stage %s: %.3f M of %.1f M parameters train (projector %s, LLM %s, added tokens %d), frozen %s, "
+             "trained %s", config.name, trainable / 1e6, total / 1e6, config.train_mm_projector, config.llm_training,
+             added, frozen, trained)
+    return model, meta
+
+
+def _init_projector(projector: nn.Module, source: str) -> None:
+    """Load ``mm_projector`` weights from a LLaVA checkpoint into a new projector.
+
+    Raises:
+        ValueError: the checkpoint's projector has other names or shapes (another type, feature or LLM width).
+    """
+    weights = projector_weights(source)
+    expected = {name: tuple(p.shape) for name, p in projector.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in weights.items()}
+    if found != expected:
+        raise ValueError(f"mm_projector_init {source}: its mm_projector {found} does not fit this stage's {expected}")
+    projector.load_state_dict(weights)
+    log.info("mm_projector initialised from %s", source)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory in MiB: CUDA's peak allocated memory on a GPU, else the peak resident set size
+    (``ru_maxrss``, KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class VideoLLMTrainer(Trainer):
+    """The HF Trainer, saving and loading checkpoints in the stage folder's format (only what trains).
+
+    Args:
+        stage_meta: the stage's metadata (:func:`build_model`).
+    """
+
+    def __init__(self, *args, stage_meta: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage_meta = stage_meta
+        self._tokens, self._since = 0, time.perf_counter()
+        self._masters: dict[str, torch.Tensor] = {}  # trained weights' float32 masters under DeepSpeed bf16
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        # this step's tokens, video positions included; summed on the device, read only when logging (no sync)
+        self._tokens = self._tokens + inputs["attention_mask"].sum()
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Adds ``tokens_per_second`` (non-padding tokens of all processes per second since the last loss log)
+        and ``peak_memory_mib`` (:func:`peak_memory_mib` of this process)."""
+        if "loss" in logs:
+            now = time.perf_counter()
+            tokens = int(self._tokens) * self.args.world_size
+            logs["tokens_per_second"] = round(tokens / max(now - self._since, 1e-9), 1)
+            logs["peak_memory_mib"] = round(peak_memory_mib(self.args.device), 1)
+            self._tokens, self._since = 0, now
+        super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """As the Trainer's, but under DeepSpeed bf16 the trained weights (not a whole LLM, which is saved in 16 bit
+        as DeepSpeed gathers it) are saved from the engine's float32 master copies, not the module's bfloat16
+        ones. Every rank calls it (gathering the masters is collective)."""
+        self._masters = {}
+        if self.is_deepspeed_enabled and self.args.bf16 and self.stage_meta["llm_training"] != "full":
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            model = self.accelerator.unwrap_model(self.model)
+            self._masters = {name: safe_get_full_fp32_param(p) for name, p in model.named_parameters()
+                             if p.requires_grad}
+        super().save_model(output_dir, _internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if self.args.should_save:
+            model = self.accelerator.unwrap_model(self.model)
+            state = {**(model.state_dict() if state_dict is None else state_dict), **self._masters}
+            save_trained(model, output_dir or self.args.output_dir, self.stage_meta, state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_trained(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint, self.stage_meta)
+        log.info("resumed weights from %s", resume_from_checkpoint)
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
+
+
+class StepLog(TrainerCallback):
+    """One line per logging step on the first process, in place of the Trainer's printed dicts::
+
+        step 12/120 (10%), epoch 0.20: loss 2.3141, lr 1.96e-05, grad norm 1.23, 1534 tokens/s,
+        peak memory 812 MiB, elapsed 0:01:05, ETA 0:09:45
+
+    (one line in the log). The ETA extrapolates this run's pace over the steps left (a resumed run counts from
+    its checkpoint's step).
+    """
+
+    def __init__(self):
+        self._start, self._first = time.monotonic(), 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start, self._first = time.monotonic(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        elapsed = time.monotonic() - self._start
+        if "loss" in logs:
+            done, total = state.global_step, state.max_steps
+            eta = elapsed / max(done - self._first, 1) * (total - done)
+            grad = f", grad norm {logs['grad_norm']:.4g}" if logs.get("grad_norm") is not None else ""
+            log.info("step %d/%d (%d%%), epoch %.2f: loss %.4f, lr %.3g%s, %.0f tokens/s, peak memory %.0f MiB, "
+                     "elapsed %s, ETA %s", done, total, 100 * done // max(total, 1), logs.get("epoch", 0),
+                     logs["loss"], logs.get("learning_rate", 0), grad, logs.get("tokens_per_second", 0),
+                     logs.get("peak_memory_mib", 0), _duration(elapsed), _duration(eta))
+        elif "train_runtime" in logs:
+            log.info("trained to step %d/%d in %s (%.2f samples/s)", state.global_step, state.max_steps,
+                     _duration(logs["train_runtime"]), logs.get("train_samples_per_second", 0))
+
+
+class CheckpointComplete(TrainerCallback):
+    """Marks a checkpoint complete once the Trainer has written all of it: a killed save leaves a folder without
+    the mark, which :func:`_latest_checkpoint` never resumes from."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / COMPLETE).touch()
+        return control
+
+
+class Preemption(TrainerCallback):
+    """On SIGTERM (SLURM's preemption or ``scancel --signal=TERM``), save a checkpoint at the end of the current
+    step and stop; ``received`` tells the stage to exit without writing its model. The ranks agree on the flag
+    after every step (one scalar all-reduce), so all of them save the same step even when the signal reaches
+    them at different times."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.received = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and args.world_size > 1:
+            flag = torch.tensor(float(stop), device=args.device)  # ranks signalled a step apart stop together
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = self.received = bool(flag.item())
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _prepare_distributed(config: StageConfig) -> dict:
+    """Environment for a single process and the CPU gloo backend; returns extra ``TrainingArguments``.
+
+    On the CPU, DeepSpeed needs a process group even for one process, and the HF Trainer does not pass
+    ``ddp_backend`` to accelerate on its DeepSpeed path: the state is created here with gloo and reused.
+    """
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        return {}
+    extra = {"use_cpu": True, "ddp_backend": "gloo"}
+    if config.deepspeed:
+        import deepspeed.ops
+        from accelerate import PartialState
+
+        # DeepSpeed's shared-memory all-reduce for CPUs is compiled with g++ on a machine's first stage (about 40 s
+        # and 500 MiB on 2 cores, again in every fresh clone); gloo reduces without it. DeepSpeed's own switch:
+        # its list of the ops this machine can build (deepspeed/comm/torch.py build_shm_op reads it).
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        PartialState(backend="gloo")
+        extra["accelerator_config"] = {"use_configured_state": True}
+    return extra
+
+
+def _stamp(config: StageConfig, paths: StagePaths) -> dict:
+    """What a checkpoint must have been made with to be resumed: the settings and the inputs (absolute where they
+    are files)."""
+    inputs = {key: os.path.abspath(value) if Path(value).exists() else value
+              for key, value in (("train_data", paths.train_data), ("features_index", paths.features_index),
+                                 ("init", paths.init))}
+    return {"settings": config.to_dict(), "inputs": inputs}
+
+
+def _latest_checkpoint(folder: Path, stamp: dict, clean: bool) -> str | None:
+    """The newest complete checkpoint in ``folder`` if it was made with the same ``stamp`` (:func:`_stamp`), else
+    None.
+
+    Every rank computes the same answer; the rank with ``clean`` removes stale checkpoints and those a kill left
+    half-written, and stamps the folder.
+    """
+    stamp_file = folder / "stage.yaml"
+    stale = folder.exists() and (not stamp_file.exists() or read_yaml(stamp_file) != stamp)
+    found = [] if stale else sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    complete = [path for path in found if (path / COMPLETE).exists()]
+    if clean:
+        if stale:
+            log.warning("%s: checkpoints made with other settings or inputs, starting afresh", folder)
+            shutil.rmtree(folder)
+        for path in set(found) - set(complete):
+            log.warning("%s: written only in part (killed while saving), removed", path)
+            shutil.rmtree(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_yaml(stamp_file, stamp)
+    return str(complete[-1]) if complete else None
+
+
+def training_arguments(config: StageConfig, output_dir: Path, extra: dict) -> TrainingArguments:
+    """The HF ``TrainingArguments`` of a stage (under ZeRO-3, made before the model, they shard its loading).
+
+    ``warmup_steps`` gets ``warmup_ratio``: transformers 5 reads a value below 1 as a share of the optimizer steps
+    (``ceil(ratio * steps)`` warmup steps), as ``StageConfig`` requires it to be.
+    """
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        bf16=config.bf16,
+        activation_checkpointing=config.gradient_checkpointing,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,  # the newest complete checkpoint survives while the next one is written
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        dataloader_num_workers=config.dataloader_workers,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        report_to=config.report_to,
+        deepspeed=config.deepspeed,
+        disable_tqdm=True,
+        **extra,
+    )
+
+
+def run_stage(config: StageConfig, paths: StagePaths) -> bool:
+    """Train one stage and write its outputs (see the module docstring).
+
+    Returns:
+        False when the stage stopped on SIGTERM (a checkpoint was saved; the model was not written).
+    """
+    restrict_torch_load()
+    extra = _prepare_distributed(config)
+    torch.manual_seed(config.seed)
+    out = Path(paths.output_dir)
+    checkpoints = out / "checkpoints"
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
+    # Under ZeRO-3, TrainingArguments made before the model shard its loading across ranks. Merging an earlier
+    # stage's LoRA adapters needs whole weights: such a stage builds its model first (the engine partitions it).
+    merges = is_stage_folder(paths.init) and bool(read_stage_config(paths.init)["adapters"])
+    args = None if merges else training_arguments(config, checkpoints, extra)
+    records = read_json(paths.train_data)
+    if not records:
+        raise ValueError(f"{paths.train_data}: no training records")
+    store = FeatureStore(paths.features_index)
+    tokenizer, base_vocab = stage_tokenizer(config, paths.init)
+    template = get_template(config.template)
+    wrap = video_wrap_ids(tokenizer, config.video_start_end)
+    rows = visual_rows(store, records, config.max_frames)  # every visual the records name (none: text only)
+    records, excluded = fit_records(records, tokenizer, template, config.max_length, rows, wrap)
+    if excluded:
+        log.warning("stage %s: %d of %d records excluded (listed in model/excluded.jsonl), e.g. %s", config.name,
+                    len(excluded), len(records) + len(excluded), excluded[0]["reason"])
+    if not records:
+        raise ValueError(f"{paths.train_data}: no record fits max_length {config.max_length}")
+    dataset = InstructionDataset(records, tokenizer, template, store, config.max_length, wrap, config.max_frames)
+    model, meta = build_model(config, paths.init, dataset.dim, tokenizer, base_vocab)
+    args = args or training_arguments(config, checkpoints, extra)
+    resume = _latest_checkpoint(checkpoints, _stamp(config, paths), clean=args.process_index == 0)
+    collator = VideoCollator(tokenizer.pad_token_id, trace=out / "batches.log" if config.trace_batches else None)
+    preemption = Preemption()
+    trainer = VideoLLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              data_collator=collator, stage_meta=meta,
+                              callbacks=[CheckpointComplete(), preemption, StepLog()])
+    trainer.remove_callback(PrinterCallback)  # StepLog prints the steps
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    log.info("stage %s: %s, %d process(es) on %s, %d records", config.name,
+             f"DeepSpeed ZeRO-{plugin.zero_stage} ({config.deepspeed})" if plugin else "no DeepSpeed",
+             args.world_size, args.device, len(records))
+    if resume:
+        log.info("resuming from %s", resume)
+    metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    if preemption.received:
+        log.warning("stage %s: stopped on SIGTERM at step %d; rerun to resume", config.name, trainer.state.global_step)
+        return False
+    final = Path(paths.model_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    if trainer.is_world_process_zero():
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # every rank: under ZeRO-3 the weights are gathered first
+    if trainer.is_world_process_zero():
+        write_stage_folder(tmp, meta, tokenizer)
+        write_yaml(tmp / "stage.yaml", config.to_dict())
+        with atomic_path(tmp / "excluded.jsonl") as path:  # the records this stage could not train on, and why
+            path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in excluded), encoding="utf-8")
+        publish_dir(tmp, final)
+        rows = [{key: entry.get(key, "") for key in LOSS_COLUMNS} for entry in trainer.state.log_history
+                if "loss" in entry]
+        write_table(out / "loss.tsv", rows, LOSS_COLUMNS)
+        write_json(out / "train_metrics.json", metrics)  # runtime (s), samples and steps per second of this run
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        log.info("stage %s done: %s, %d loss rows", config.name, final, len(rows))
+    return True
