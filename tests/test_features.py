@@ -404,10 +404,12 @@ def test_reads_span_chunks_exactly(tmp_path, monkeypatch):
     videos = {f"v{i}": rng.standard_normal((n, 4)).astype(np.float16) for i, n in enumerate((2, 5, 1, 7))}
     path = tmp_path / "s.h5"
     with store_module.ShardWriter(path, {}) as writer:
-        for video, tokens in videos.items():
+        for i, (video, tokens) in enumerate(videos.items()):
             writer.add(video, tokens, "videochatgpt", 1, len(tokens) - 1)
+            writer.file.create_dataset(f"gap{i}", data=np.zeros(5))  # space between the chunks in the file
     with h5py.File(path) as f:
         assert f["features"].chunks == (3, 4) and f["features"].shape == (15, 4)
+    assert len(store_module._Shard(str(path)).segments) > 1  # reads cross runs of chunks, not only chunks
     store = _store(path, [{"video_id": v, "status": "ok", "path": str(path), "tokens": len(t), "dim": 4}
                           for v, t in videos.items()])
     for video, tokens in videos.items():

@@ -30,23 +30,6 @@ def visual_rows(store: FeatureStore, records: list[dict], max_frames: int | None
     return {video: store.rows(video, max_frames) for video in names if video in store}
 
 
-def feature_dim(store: FeatureStore, records: list[dict]) -> int:
-    """D, the width of the feature rows: of the first visual ``records`` name (of any video in the store when they
-    name none, a text-only mix).
-
-    Raises:
-        KeyError: that visual is not in the store.
-        ValueError: the records name no visual and the store holds no video.
-    """
-    video = next((v for record in records for v in visuals(record)), None)
-    if video is None:
-        if not len(store):
-            raise ValueError("no visual in the records and no video in the features store: the feature width is "
-                             "unknown")
-        video = next(iter(store.paths))
-    return int(store.get(video).shape[1])
-
-
 def record_features(record: dict, store: FeatureStore, dim: int, max_frames: int | None = None
                     ) -> tuple[torch.Tensor, list[int]]:
     """The feature rows of the visuals ``record`` names, concatenated in marker order, and each visual's row count.
@@ -130,7 +113,7 @@ class InstructionDataset(Dataset):
         self.records = read_json(records) if isinstance(records, (str, Path)) else records
         self.tokenizer, self.template, self.store, self.max_length = tokenizer, template, store, max_length
         self.video_wrap, self.max_frames = video_wrap, max_frames
-        self.dim = feature_dim(store, self.records)
+        self.dim = store.dim  # also the width of a text-only sample's empty feature tensor
 
     def __len__(self) -> int:
         return len(self.records)
