@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import safetensors.torch
 import torch
-from conftest import run_stage_process, split_stage, stage_settings
+from conftest import REPO, run_stage_process, split_stage, stage_settings
 
 from pipeline import VIDEO_TOKEN_INDEX
 from pipeline.eval.generate import evaluate
@@ -94,6 +94,22 @@ def test_stage1_trains_the_projector_and_stage2_starts_from_it(stages, tiny_llm_
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # LoRA merged into q/v only
     trained2 = safetensors.torch.load_file(root / "stage2" / "model" / "mm_projector.safetensors")
     assert not torch.allclose(trained2["weight"], trained1["weight"])
+
+
+def test_a_zero3_lora_stage_merges_the_adapters_it_starts_from(stages, train_data):
+    """A ZeRO-3 stage started from a LoRA stage loads the LLM whole and merges the earlier adapter before DeepSpeed
+    partitions it: the merged weights are stage 2's, and stage 3's folder lists both adapters."""
+    root = stages[0]
+    third, _ = _run_stage(root, "llm", train_data, "stage3", output_dir="stage3", init="stage2/model",
+                          video_start_end=True, llm_training="lora", epochs=1,
+                          lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                          deepspeed=str(REPO / "config/deepspeed/zero3.json"))
+    meta = read_json(root / "stage3" / "model" / "config.json")
+    assert meta["adapters"] == ["adapters/0_stage2", "adapters/1_stage3"]
+    merged2 = dict(load_stage(root / "stage2" / "model")[0].llm.named_parameters())
+    model3, _ = load_stage(root / "stage3" / "model")
+    changed = {n for n, p in model3.llm.named_parameters() if not torch.equal(p, merged2[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)  # only stage 3's LoRA on top
 
 
 def _logits(folder, tokenizer):
