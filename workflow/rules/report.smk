@@ -83,7 +83,7 @@ rule run_config:
     localrule: True
     run:
         write_yaml(output[0], params.config)
-        Path(log[0]).write_text(f"wrote {output[0]}\n")
+        Path(log[0]).write_text(f"wrote {Path(output[0])}\n")
 
 
 rule report_graphs:

@@ -38,7 +38,7 @@ rule stage_config:
     localrule: True
     run:
         write_yaml(output[0], params.stage)
-        Path(log[0]).write_text(f"wrote {output[0]}\n")
+        Path(log[0]).write_text(f"wrote {Path(output[0])}\n")
 
 
 for _stage in config["stages"]:
