@@ -26,6 +26,7 @@ opens it; both raise :class:`ShardError` naming the file (and the video).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,12 @@ def _checksum(features: np.ndarray, indices: np.ndarray, times: np.ndarray) -> i
     crc = zlib.crc32(np.ascontiguousarray(features, dtype=np.float16))
     crc = zlib.crc32(np.ascontiguousarray(indices, dtype=np.int64), crc)
     return zlib.crc32(np.ascontiguousarray(times, dtype=np.float32), crc)
+
+
+def _intact(features, offsets, frame_offsets, indices, times, crc, i: int) -> bool:
+    """Whether video ``i`` of a shard (its tables as read, the frame tables and CRCs whole) matches its CRC-32."""
+    frames = slice(frame_offsets[i], frame_offsets[i + 1])
+    return _checksum(features[offsets[i]:offsets[i + 1]], indices[frames], times[frames]) == crc[i]
 
 
 def _open(path: str | Path, mode: str = "r") -> h5py.File:
@@ -109,14 +116,12 @@ class ShardWriter:
         n = min(n, len(f["offsets"]) - 1, len(f["frame_offsets"]) - 1)
         offsets, frame_offsets = f["offsets"][: n + 1], f["frame_offsets"][: n + 1]
         rows = len(f["features"]) if "features" in f else 0
+        indices, times, crc = f["frame_indices"][()], f["frame_times"][()], f["crc32"][()]
         for i in range(n):
-            end, frames_end = offsets[i + 1], frame_offsets[i + 1]
-            if end > rows or frames_end > len(f["frame_indices"]) or frames_end > len(f["frame_times"]):
+            if offsets[i + 1] > rows or frame_offsets[i + 1] > min(len(indices), len(times)):
                 n = i
                 break
-            frames = slice(frame_offsets[i], frames_end)
-            if _checksum(f["features"][offsets[i]:end], f["frame_indices"][frames],
-                         f["frame_times"][frames]) != f["crc32"][i]:
+            if not _intact(f["features"], offsets, frame_offsets, indices, times, crc, i):
                 log.warning("%s: video %d fails its checksum, redoing it and the ones after", self.path, i)
                 n = i
                 break
@@ -230,8 +235,6 @@ class FeatureShard:
 
     def target(self, row: dict):
         """The writer; :meth:`ShardWriter.add` commits a video whole or not at all."""
-        import contextlib
-
         return contextlib.nullcontext(self.writer)
 
     def path(self, row: dict) -> str:
@@ -290,11 +293,10 @@ def verify_shard(path: str | Path, expected: dict[str, int] | None = None, check
                                  "shard the index was built from (files swapped or rewritten?); rerun the "
                                  "features_index rule, or the features rule for this shard")
         if checksums:
+            indices, times = f["frame_indices"][()], f["frame_times"][()]
             for i, video in enumerate(ids):
-                frames = slice(frame_offsets[i], frame_offsets[i + 1])
                 try:
-                    ok = _checksum(features[offsets[i]:offsets[i + 1]], f["frame_indices"][frames],
-                                   f["frame_times"][frames]) == crc[i]
+                    ok = _intact(features, offsets, frame_offsets, indices, times, crc, i)
                 except OSError as exc:
                     raise ShardError(f"{path}: video {video!r} unreadable ({str(exc).splitlines()[0]}); delete the "
                                      "file and rerun the features rule for this shard") from None
