@@ -33,7 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.data.dataset import InstructionDataset, VideoCollator, fit_records, visual_rows  # noqa: E402
+from pipeline.data.dataset import (  # noqa: E402
+    CachedVisuals,
+    InstructionDataset,
+    VideoCollator,
+    fit_records,
+    visual_tokens,
+)
 from pipeline.data.templates import get_template  # noqa: E402
 from pipeline.features.store import INDEX_COLUMNS, FeatureStore, ShardWriter  # noqa: E402
 from pipeline.io import read_json, write_json, write_table  # noqa: E402
@@ -90,16 +96,17 @@ def bare(settings: dict, out: Path) -> float:
     paths = settings.pop("paths")
     config = StageConfig.from_dict({**settings, "deepspeed": None})
     tokenizer, base_vocab = stage_tokenizer(config, paths["init"])
-    store = FeatureStore(paths["features_index"])
+    source = CachedVisuals(FeatureStore(paths["features_index"]))
     template = get_template(config.template)
     records = read_json(paths["train_data"])
-    records, _ = fit_records(records, tokenizer, template, config.max_length, visual_rows(store, records))
+    model, _ = build_model(config, paths["init"], source.dim, tokenizer, base_vocab)
+    records, _ = fit_records(records, tokenizer, template, config.max_length,
+                             visual_tokens(source, records, model.mm_projector))
     args = TrainingArguments(output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=config.batch_size,
                              learning_rate=config.learning_rate, save_strategy="no", report_to=[], use_cpu=True,
                              logging_steps=config.logging_steps, remove_unused_columns=False, disable_tqdm=True,
                              seed=config.seed)
-    dataset = InstructionDataset(records, tokenizer, template, store, config.max_length)
-    model, _ = build_model(config, paths["init"], dataset.dim, tokenizer, base_vocab)
+    dataset = InstructionDataset(records, tokenizer, template, source, model.mm_projector, config.max_length)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
                       data_collator=VideoCollator(tokenizer.pad_token_id))
     return trainer.train().metrics["train_samples_per_second"]

@@ -182,7 +182,8 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
                  mixes: list[str | Path], metrics: str | Path, predictions: str | Path,
                  benchmarks: str | Path | None = None, train_metrics: list[str | Path] = ()) -> str:
     """The summary page: videos per data stage, failed videos with reasons, each dataset's instruction records kept
-    and rejected by reason, each training stage's data mix, metrics, the predictions (all of them up to
+    and rejected by reason, each training stage's data mix and the records it trained on (by kind, excluded,
+    skipped at training time), metrics, the predictions (all of them up to
     :data:`PREDICTIONS_SHOWN`) and what each rule cost (:func:`job_stats`).
 
     Args:
@@ -222,6 +223,11 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
     shown = f"All {len(lines)} predictions" if len(lines) <= PREDICTIONS_SHOWN else \
         f"The first {PREDICTIONS_SHOWN} of {len(lines)} predictions"
     costs = job_stats(benchmarks, tables, train_metrics) if benchmarks else pd.DataFrame()
+    trained = pd.DataFrame([
+        {"stage": Path(path).parent.name, "records": m["records"],
+         "by kind": ", ".join(f"{kind} {n}" for kind, n in m.get("records_by_kind", {}).items()),
+         "excluded before training": m["excluded"], "skipped at training time": m["skipped_at_training"]}
+        for path in train_metrics if Path(path).exists() and "records" in (m := read_json(path))])
     sections = [
         ("Videos per data stage", counts),
         ("Manifest rows rejected before download", rejected),
@@ -230,6 +236,8 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
         ("Instruction records per dataset", records),
         ("Rejected instruction records by reason", reasons),
         ("Training data of each stage", mix),
+        ("Records each stage trained on (images train as one-frame videos; model/excluded.jsonl says why a record "
+         "was not)", trained),
         (f"Evaluation of {html.escape(str(scores['model']))} (greedy decoding)", metric_rows),
         (shown, samples),
         ("What each rule cost (jobs finished before this page; wall time summed over a rule's jobs)", costs),

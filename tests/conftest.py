@@ -36,6 +36,24 @@ TINY_CLIP = {
 }
 
 
+def flat_clip(path: Path, level: int, rng, frames: int = 16, size: int = 32, fps: int = 8) -> None:
+    """A VP9 webm of ``frames`` frames of ``size`` px at ``fps``: noise in 0..40 plus ``level`` (each clip's
+    colour)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            image = (rng.integers(0, 40, (size, size, 3)) + level).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
 @pytest.fixture(scope="session")
 def clips() -> dict[str, Path]:
     """Real video files: a 60 s VP9 webm with Opus audio, and H.264 mp4s."""

@@ -27,8 +27,17 @@ def test_the_schemas_enums_are_the_codes():
     from pipeline.data.templates import TEMPLATES
     from pipeline.features.encoder import BACKENDS, PRECISIONS, RESIZES
     from pipeline.features.pooling import POOLINGS
-    from pipeline.model.projector import PROJECTORS
-    from pipeline.train.config import LLM_TRAINING, SCHEDULERS
+    from pipeline.model.connectors import CONNECTORS as PROJECTORS
+    from pipeline.train.config import (
+        AUGMENTATIONS,
+        CONNECTOR_TRAINING,
+        LLM_TRAINING,
+        PARAM_GROUPS,
+        SCHEDULERS,
+        TOWER_TRAINING,
+        VISION,
+    )
+    from pipeline.video import augment
     from pipeline.video.frames import SAMPLINGS
 
     features = PROPS["features"]["properties"]
@@ -40,6 +49,12 @@ def test_the_schemas_enums_are_the_codes():
         assert features[key]["enum"] == list(code), key
     assert PROPS["model"]["properties"]["mm_projector_type"]["enum"] == list(PROJECTORS)
     assert STAGE["train"]["properties"]["llm"]["enum"] == list(LLM_TRAINING)
+    assert STAGE["train"]["properties"]["vision_tower"]["enum"] == list(TOWER_TRAINING)
+    assert STAGE["train"]["properties"]["connector"]["enum"] == list(CONNECTOR_TRAINING)
+    assert STAGE["vision"]["enum"] == list(VISION)
+    assert STAGE["augment"]["enum"] == list(AUGMENTATIONS) == list(augment.AUGMENTATIONS)
+    assert list(STAGE["param_groups"]["properties"]) == list(PARAM_GROUPS)
+    assert STAGE["frames"]["properties"]["sampling"]["enum"] == list(SAMPLINGS)
     assert STAGE["lr_scheduler"]["enum"] == list(SCHEDULERS)
     dataset = PROPS["instructions"]["properties"]["datasets"]["items"]["properties"]
     assert dataset["format"]["enum"] == list(FORMATS)
@@ -82,6 +97,7 @@ COMMANDS = {
                                         "preset": PROPS["transcode"]["properties"]["preset"]["default"],
                                         "timeout": DATA["video_timeout"]["default"],
                                         "max_decode_errors": DATA["max_decode_errors"]["default"]}),
+    "pipeline.video.index": (None, {}),
     "pipeline.video.compress": (None, {key: PROPS["compress"]["properties"][key]["default"]
                                        for key in ("fps", "size", "crf", "preset")}),
     "pipeline.features.extract": ("shard", {}),

@@ -88,7 +88,7 @@ def test_open_clip_and_hf_towers_give_penultimate_patch_tokens_without_cls(tiny_
         blocks = whole.forward_intermediates(pixels, indices=[0, 1], output_fmt="NLC",
                                              intermediates_only=True)["image_intermediates"]
     assert tokens.shape == (3, 4, 64) and torch.allclose(tokens, blocks[0], atol=1e-5)  # block -2 of 2 is block 0
-    assert len(encoder.tower.transformer.resblocks) == 1  # the last block is pruned: it would never be used
+    assert len(encoder.tower.visual.transformer.resblocks) == 1  # the last block is pruned: it would never be used
 
     from transformers import CLIPVisionModel
 
@@ -152,10 +152,10 @@ def test_per_frame_tokens_with_timestamps(tmp_path, short_clip):
 def test_a_hung_decoder_fails_only_its_video(tmp_path, short_clip, monkeypatch):
     real = extract.read_frames
 
-    def slow(path, sampling):
+    def slow(path, *sampling):
         if "hung" in str(path):
             time.sleep(60)
-        return real(path, sampling)
+        return real(path, *sampling)
 
     monkeypatch.setattr(extract, "read_frames", slow)  # the forked DataLoader workers inherit it
     hung = tmp_path / "hung.mp4"
@@ -186,10 +186,10 @@ def _killed_after(monkeypatch, video: str):
     """Make the features job die (as a kill would: not an error of one video) when it reaches ``video``."""
     real = extract.read_frames
 
-    def read(path, sampling):
+    def read(path, *sampling):
         if video in str(path):
             raise SystemExit("killed")
-        return real(path, sampling)
+        return real(path, *sampling)
 
     monkeypatch.setattr(extract, "read_frames", read)
 
@@ -214,7 +214,7 @@ def test_a_resumed_shard_does_not_redo_finished_videos(tmp_path, short_clip, mon
     assert not out.exists() and sorted(p.name for p in partial.iterdir()) == [".settings.json", "features.h5"]
     calls = []
     real = extract.read_frames
-    monkeypatch.setattr(extract, "read_frames", lambda path, sampling: calls.append(path) or real(path, sampling))
+    monkeypatch.setattr(extract, "read_frames", lambda path, *s: calls.append(path) or real(path, *s))
     status = extract.extract_shard(rows, out, FeatureConfig.from_dict({**TINY_CLIP, "workers": 2}), threads=1)
     assert calls == [] or [Path(c).name for c in calls] == ["b.mp4"]  # workers: decoded in other processes
     assert [r["status"] for r in status] == ["ok", "ok"] and not partial.exists()
@@ -234,7 +234,7 @@ def test_a_video_damaged_by_the_kill_is_redone_not_trusted(tmp_path, short_clip,
         f["features"][f["offsets"][1] + 1] = 7.0
     decoded = []
     real = extract.read_frames
-    monkeypatch.setattr(extract, "read_frames", lambda path, s: decoded.append(Path(path).name) or real(path, s))
+    monkeypatch.setattr(extract, "read_frames", lambda path, *s: decoded.append(Path(path).name) or real(path, *s))
     status = extract.extract_shard(rows, out, config, threads=1)
     assert decoded == ["b.mp4", "c.mp4"]  # a verified and kept; b and what follows redone
     store = _store(out, status)

@@ -109,7 +109,7 @@ def test_llava_next_video_records_images_and_text(tmp_path):
     video = "academic_source__activitynet__v_abc"
     indexed = {video: None, "coco__train2017__000000033471": None, "spot-the-diff__harbor_1": None,
                "spot-the-diff__harbor_2": None}
-    counts, records, rejected = _build(tmp_path, "llava", FIXTURES / "llava_next.json", indexed)
+    counts, records, rejected = _build(tmp_path, "llava", FIXTURES / "llava_next.json", indexed, images="drop")
     assert list(records) == ["v_abc", "sharegpt_1"] and records["v_abc"]["video"] == video
     assert records["v_abc"]["conversations"][0]["value"] == "<video>\nWhat happens after the man picks up the guitar?"
     assert len(records["v_abc"]["conversations"]) == 4
@@ -117,7 +117,7 @@ def test_llava_next_video_records_images_and_text(tmp_path):
     assert counts["rejected_by_reason"] == {"image record (dropped)": 2, "invalid conversation": 2}
     assert counts["kept_by_kind"] == {"video": 1, "text only": 1}
     assert "must appear once" in rejected[1]["reason"] and "expected 'gpt'" in rejected[2]["reason"]
-    counts, records, _ = _build(tmp_path / "keep", "llava", FIXTURES / "llava_next.json", indexed, images="keep")
+    counts, records, _ = _build(tmp_path / "keep", "llava", FIXTURES / "llava_next.json", indexed)  # the default
     image = records["000000033471"]
     assert image["modality"] == "image" and image["conversations"][0]["value"].startswith("<video>\nWhat are")
     assert counts["kept_by_kind"] == {"video": 1, "image": 1, "text only": 1, "images": 1}

@@ -4,7 +4,7 @@ import torch
 from pipeline import IGNORE_INDEX, VIDEO_TOKEN_INDEX
 from pipeline.data.dataset import VideoCollator, fit_records
 from pipeline.data.templates import get_template, tokenize_conversation
-from pipeline.model.projector import build_projector
+from pipeline.model.connectors import build_connector as build_projector
 from pipeline.model.video_llm import VideoLLM, load_llm
 from pipeline.train.config import StageConfig
 from pipeline.train.trainer import build_model, stage_tokenizer
@@ -18,7 +18,7 @@ def test_projector_shapes():
     assert build_projector("linear", 8, 4).weight.shape == (4, 8)
     mlp = build_projector("mlp2x_gelu", 8, 4)
     assert [tuple(p.shape) for p in mlp.parameters()] == [(4, 8), (4,), (4, 4), (4,)]
-    with pytest.raises(ValueError, match="unknown mm_projector"):
+    with pytest.raises(ValueError, match="unknown connector"):
         build_projector("qformer", 8, 4)
 
 
@@ -32,22 +32,23 @@ def test_video_rows_land_at_the_video_positions_in_order(tiny_llm_dir):
     table = llm.get_input_embeddings().weight
     assert torch.allclose(embeds[0, 1:3], projected[:2]) and torch.allclose(embeds[1, :2], projected[2:])
     assert torch.equal(embeds[0, 0], table[5]) and torch.equal(embeds[1, 2], table[9])
-    with pytest.raises(ValueError, match="4 video positions in input_ids but 3 video feature rows"):
+    with pytest.raises(ValueError, match="4 video positions in input_ids but the connector gives 3 embeddings"):
         model.embed(ids, features[:3])
 
 
 def test_collator_pads_right_and_concatenates_features():
     batch = [
         {"input_ids": torch.tensor([1, VIDEO_TOKEN_INDEX, 3]), "labels": torch.tensor([IGNORE_INDEX, IGNORE_INDEX, 3]),
-         "video_features": torch.ones(1, 4)},
+         "video_features": torch.ones(1, 4), "layouts": [(0, 1)]},
         {"input_ids": torch.tensor([VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX]), "labels": torch.tensor([IGNORE_INDEX] * 2),
-         "video_features": torch.zeros(2, 4)},
+         "video_features": torch.zeros(2, 4), "layouts": [(1, 2)]},
     ]
     out = VideoCollator(pad_token_id=0)(batch)
     assert out["input_ids"].tolist() == [[1, VIDEO_TOKEN_INDEX, 3], [VIDEO_TOKEN_INDEX, VIDEO_TOKEN_INDEX, 0]]
     assert out["labels"][1].tolist() == [IGNORE_INDEX] * 3
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
     assert out["video_features"].shape == (3, 4) and out["video_features"][0].sum() == 4
+    assert out["visual_layout"].tolist() == [[0, 1], [1, 2]]
 
 
 def test_fit_records_drops_whole_trailing_turns_and_excludes_what_cannot_fit(tokenizer):

@@ -1,6 +1,8 @@
 """The recipes of config/recipes: each validates against the workflow schema, names the command that runs it, and
-trains end to end on the CPU, stage after stage, with a tiny random model of its LLM family (Llama, Qwen2, Phi3)
-and tiny features of its layout."""
+trains end to end on the CPU, stage after stage, with a tiny random model of its LLM family (Llama, Qwen2, Phi3),
+tiny features of its layout for cached stages and, for online stages (vision in the loop), a tiny tower of its
+backend (UMT, the SSv2 fork's multi-channel CLIP) reading a few short 32 px videos. Their values against the
+originals: tests/test_recipe_tables.py."""
 
 import json
 import shutil
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO, run_stage_process
+from conftest import REPO, flat_clip, run_stage_process
 from snakemake.utils import validate
 
 from pipeline.eval.generate import evaluate
@@ -18,11 +20,20 @@ from pipeline.features.store import INDEX_COLUMNS, ShardWriter
 from pipeline.io import read_table, read_yaml, write_json, write_table
 from pipeline.model.checkpoint import load_stage
 from pipeline.train.config import resolve_stage
+from pipeline.video.index import VIDEO_COLUMNS
+from pipeline.vision import build_tower
 
 RECIPES = sorted((REPO / "config" / "recipes").glob("*.yaml"))
 FAMILY = {"videochatgpt": "llava_v1", "videollama_action": "llama", "llava_ssv2": "qwen2", "llava_ssv2_phi": "phi3",
           "videochat_flash": "qwen2", "etchat": "phi3"}
 DIM = 8  # feature width of the tiny features
+TOWER_KEYS = ("backend", "model", "pretrained", "seed", "layer", "overrides")
+# Tiny towers of each backend an online recipe names (the same code as the real ones, random weights): a UMT of
+# 32 px frames in 4 px patches (8 x 8 = 64 patches a frame, more than ToMe's 16); the multi-channel CLIP's folder
+# comes from the tiny_multichannel_clip_dir fixture (32 px, 16 px patches: 2 x 2, 3 output frames a clip).
+TINY_UMT = {"backend": "umt", "model": "umt-l", "pretrained": None, "seed": 0, "layer": -1,
+            "overrides": {"dim": 32, "depth": 2, "heads": 2, "image_size": 32, "patch_size": 4,
+                          "pretrain_image_size": 32}}
 
 
 def _recipe(path: Path) -> dict:
@@ -78,16 +89,61 @@ def family_llms(tmp_path_factory, tokenizer_dir, tiny_llm_dir) -> dict[str, Path
     return out
 
 
-def _tiny_features(folder: Path, pooling: str) -> Path:
-    """Four videos of the recipe's layout: videochatgpt T + S = 4 + 2 rows, or frames 6 frames x 2 tokens."""
+@pytest.fixture(scope="session")
+def tiny_multichannel_clip_dir(tmp_path_factory) -> Path:
+    """A tiny transformers CLIPVisionModel folder (width 32, 2 layers, 32 px frames in 16 px patches), random."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny_multichannel_clip")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     image_size=32, patch_size=16, projection_dim=16)).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_videos(tmp_path_factory) -> Path:
+    """The compressed videos' index (pipeline.video.index) of four 2 s, 8 fps H.264 clips of 32 px frames, v0..v3:
+    what an online stage reads."""
+    from pipeline.video.ffmpeg import Encoding, encode
+
+    root = tmp_path_factory.mktemp("videos")
     rng = np.random.default_rng(0)
-    t, s, rows = (4, 2, 6) if pooling == "videochatgpt" else (6, 2, 12)
+    rows = []
+    for i in range(4):
+        raw = root / f"raw{i}.webm"
+        flat_clip(raw, 50 * i, rng)
+        info = encode({"path": str(raw)}, root / f"v{i}.mp4", Encoding(fps=8, size=32, audio=False))
+        rows.append({"video_id": f"v{i}", "path": str(root / f"v{i}.mp4"), **info})
+    write_table(root / "index.tsv", rows, VIDEO_COLUMNS)
+    return root / "index.tsv"
+
+
+def _tiny_tower(features: dict, multichannel_dir: Path) -> dict:
+    """Tiny tower settings of the backend ``features`` names (pretrained None: random weights)."""
+    if features["backend"] == "umt":
+        return dict(TINY_UMT)
+    if features["backend"] == "multichannel_clip":
+        return {"backend": "multichannel_clip", "model": str(multichannel_dir), "pretrained": None, "seed": 0,
+                "layer": features["layer"], "overrides": {}}
+    raise AssertionError(f"no tiny tower for backend {features['backend']!r}: add one for its online recipe")
+
+
+def _tiny_features(folder: Path, pooling: str, layout: tuple[int, int] | None = None, dim: int = DIM) -> Path:
+    """Four videos of the recipe's layout: videochatgpt T + S = 4 + 2 rows, or frames T x S tokens (6 x 2, or the
+    ``layout`` of the recipe's tiny tower), ``dim`` wide."""
+    rng = np.random.default_rng(0)
+    if pooling == "videochatgpt":
+        t, s, rows = 4, 2, 6
+    else:
+        t, s = layout or (6, 2)
+        rows = t * s
     with ShardWriter(folder / "shard-00000.h5", attrs={}) as writer:
         for i in range(4):
-            writer.add(f"v{i}", rng.standard_normal((rows, DIM)).astype(np.float16), pooling, t, s,
+            writer.add(f"v{i}", rng.standard_normal((rows, dim)).astype(np.float16), pooling, t, s,
                        np.arange(t), np.arange(t, dtype=np.float32))
     write_table(folder / "index.tsv", [{"video_id": f"v{i}", "path": str(folder / "shard-00000.h5"), "tokens": rows,
-                                        "dim": DIM, "duration": 6.0} for i in range(4)], INDEX_COLUMNS)
+                                        "dim": dim, "duration": 6.0} for i in range(4)], INDEX_COLUMNS)
     return folder / "index.tsv"
 
 
@@ -98,7 +154,8 @@ def _records(split: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
-def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, family_llms):
+def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, family_llms, tiny_videos,
+                                                           tiny_multichannel_clip_dir):
     config = _recipe(path)
     family = FAMILY[path.stem]
     config["llm"]["name_or_path"] = str(family_llms[family])
@@ -106,13 +163,28 @@ def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, famil
         config["model"]["mm_projector_init"] = str(family_llms[family])
     results = tmp_path / "results"
     (results / "features").mkdir(parents=True)
-    index = _tiny_features(results / "features", config["features"]["pooling"])
+    features = config["features"]
+    layout, dim = None, DIM
+    if any(stage["vision"] == "online" for stage in config["stages"]):
+        # online stages run the recipe's tower family, tiny; cached stages then read tokens of its layout and width
+        features.update(_tiny_tower(features, tiny_multichannel_clip_dir))
+        tower = build_tower(*(features[key] for key in ("backend", "model", "pretrained", "layer", "overrides",
+                                                        "seed")))
+        frames = features["num_frames"] if features["sampling"] != "fps" else tower.clip_frames
+        layout, dim = (tower.out_frames(frames), tower.num_patches), tower.dim
+    index = _tiny_features(results / "features", features["pooling"], layout, dim)
     for stage in config["stages"]:
         settings = resolve_stage(config, stage["name"])
         stage_dir = results / "train" / stage["name"]  # the paths of the workflow's layout (common.smk stage_inputs)
         init = results / "train" / stage["init"] / "model" if stage["init"] else config["llm"]["name_or_path"]
-        settings.update(train_data=str(stage_dir / "data.json"), features_index=str(index), init=str(init),
-                        output_dir=str(stage_dir))
+        online = settings.get("vision") == "online"
+        settings.update(train_data=str(stage_dir / "data.json"), init=str(init), output_dir=str(stage_dir),
+                        **({"videos": str(tiny_videos)} if online else {"features_index": str(index)}))
+        if settings.get("resolution"):
+            settings["resolution"] = 64  # VideoChat-Flash's 448 px stage: the tiny tower at twice its 32 px
+        if online and settings["frames"].get("sampling") == "fps" and settings["frames"]["min_frames"] > 8:
+            # its 64-512 frames stages: still more frames than a 2 s video has at 1 fps, in fewer clips
+            settings["frames"] = {**settings["frames"], "min_frames": 8, "max_frames": 16}
         write_json(settings["train_data"], _records("train"))
         settings.update(bf16=False, batch_size=2, gradient_accumulation_steps=1, epochs=1, dataloader_workers=0,
                         logging_steps=1, deepspeed=settings["deepspeed"] and str(REPO / settings["deepspeed"]))
@@ -121,7 +193,11 @@ def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, famil
         assert len(read_table(Path(settings["output_dir"]) / "loss.tsv")) == 4  # 8 records, 2 a step
     last = results / "train" / config["stages"][-1]["name"] / "model"
     model, meta = load_stage(last)
-    assert meta["template"] == resolve_stage(config, config["stages"][-1]["name"])["template"]
+    resolved = resolve_stage(config, config["stages"][-1]["name"])
+    assert meta["template"] == resolved["template"]
+    assert meta.get("vision", "cached") == resolved.get("vision", "cached")
     write_json(tmp_path / "val.json", _records("val"))
-    metrics = evaluate(last, [tmp_path / "val.json"], index, tmp_path / "eval", max_new_tokens=4)
+    online = resolved.get("vision") == "online"
+    metrics = evaluate(last, [tmp_path / "val.json"], None if online else index, tmp_path / "eval", max_new_tokens=4,
+                       videos=tiny_videos if online else None)
     assert metrics["count"] == 8

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import VIDEO_TOKEN_INDEX
-from pipeline.data.dataset import InstructionDataset, VideoCollator, fit_records, visual_rows
+from pipeline.data.dataset import CachedVisuals, InstructionDataset, VideoCollator, fit_records, visual_tokens
 from pipeline.data.formats import Options, ssv2_answer, visuals
 from pipeline.data.instructions import build, split_records
 from pipeline.data.templates import get_template, tokenize_conversation
@@ -216,7 +216,7 @@ def test_text_only_conversations_are_kept_counted_and_train_only(tmp_path):
     counts, train, val, _ = _build(tmp_path, "llava", FIXTURES / "llava_v1_5_mix665k.json", [], val_fraction=0.5)
     assert list(train) == ["i6IyJda_0", "wM2pGWq_0"] and val == {}
     assert len(train["i6IyJda_0"]["conversations"]) == 4 and "video" not in train["i6IyJda_0"]
-    assert counts["kept_by_kind"] == {"text only": 2} and counts["rejected_by_reason"] == {"image record (dropped)": 1}
+    assert counts["kept_by_kind"] == {"text only": 2} and counts["rejected_by_reason"] == {"no features": 1}
 
 
 # --- split, training, evaluation ------------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def test_split_keeps_records_that_share_a_visual_together():
 def test_text_only_and_multi_image_samples_fit_collate_and_embed(tokenizer, tiny_llm_dir, train_data):
     from transformers import AutoModelForCausalLM
 
-    from pipeline.model.projector import build_projector
+    from pipeline.model.connectors import build_connector as build_projector
     from pipeline.model.video_llm import VideoLLM
 
     template = get_template("chatml")
@@ -249,7 +249,8 @@ def test_text_only_and_multi_image_samples_fit_collate_and_embed(tokenizer, tiny
         *_turns("<video>\nWhat is it?", "A square."), *_turns("And <video>?", "word " * 30)]}
     unanswered = {"id": "u", "video": "v2", "unanswered": True, "conversations": [_turns("<video>\nWhat?", "")[0]]}
     records = [multi, text, later, unanswered]
-    rows = visual_rows(store, records)
+    connector = build_projector("linear", 8, 32)
+    rows = visual_tokens(CachedVisuals(store), records, connector)
     assert rows == {"v0": 6, "v1": 6, "v2": 6}
     first_pair = len(tokenize_conversation(later["conversations"][:2], tokenizer, template, [6])[0])
     kept, excluded = fit_records(records, tokenizer, template, first_pair + 20, rows)
@@ -257,8 +258,8 @@ def test_text_only_and_multi_image_samples_fit_collate_and_embed(tokenizer, tiny
     assert excluded[0]["id"] == "later" and "more than max_length" in excluded[0]["reason"]
     assert excluded[1] == {"id": "u", "video": "v2", "reason": "unanswered: no reference answer to train on"}
 
-    dataset = InstructionDataset(kept, tokenizer, template, store, 256)
-    assert dataset.dim == 8
+    dataset = InstructionDataset(kept, tokenizer, template, CachedVisuals(store), connector, 256)
+    assert dataset.source.dim == 8
     m, t = dataset[0], dataset[1]
     expected = torch.cat([torch.from_numpy(store.get("v1")), torch.from_numpy(store.get("v0"))])
     assert torch.equal(m["video_features"], expected)
@@ -284,7 +285,7 @@ def test_evaluation_answers_unanswered_records_and_scores_only_the_others(tmp_pa
 
     import pipeline.eval.generate as generate
     from pipeline.model import checkpoint
-    from pipeline.model.projector import build_projector
+    from pipeline.model.connectors import build_connector as build_projector
     from pipeline.model.video_llm import VideoLLM
 
     torch.manual_seed(0)

@@ -86,7 +86,7 @@ def sacct(*args: str) -> list[dict]:
 
 
 def stage(name: str, **settings) -> dict:
-    return {"name": name, "train": {"mm_projector": True, "llm": "frozen"}, "epochs": 1, "batch_size": 2,
+    return {"name": name, "train": {"connector": "full", "llm": "frozen"}, "epochs": 1, "batch_size": 2,
             "max_length": 64, "learning_rate": 1e-3, "deepspeed": str(REPO / "config/deepspeed/zero2.json"),
             **settings}
 
@@ -122,7 +122,7 @@ def run(slurm, tmp_path_factory, clips, tiny_llm_dir):
     resources = {"cpus": 2, "mem_mb": 4000, "runtime": 30}
     workdir = workflow(tmp_path_factory.mktemp("slurm_run"), clips, tiny_llm_dir, [
         stage("stage1", init=None, resources={**resources, "processes": 2}),
-        stage("stage2", init="stage1", train={"mm_projector": True, "llm": "lora"},
+        stage("stage2", init="stage1", train={"connector": "full", "llm": "lora"},
               lora={"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}, resources={**resources, "gpus": 2}),
     ])
     started = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -14,6 +14,7 @@ TWO_TURNS = [
 TRAINED = {
     "plain": ["An electric guitar.\n", "In a music studio.\n"],
     "chatml": ["An electric guitar.<|im_end|>", "In a music studio.<|im_end|>"],
+    "qwen_2": ["An electric guitar.<|im_end|>", "In a music studio.<|im_end|>"],
     "vicuna_v1": [" An electric guitar.</s>", " In a music studio.</s>"],
     "llama_2": [" An electric guitar. </s>", " In a music studio. </s>"],
     "phi3": ["An electric guitar.<|end|>", "In a music studio.<|end|>"],

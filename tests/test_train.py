@@ -257,13 +257,14 @@ def test_checkpoints_of_other_settings_or_inputs_are_not_resumed(tmp_path):
     assert not (folder / "checkpoint-10").exists()
 
 
-STAGE_ARGS = ["--config", "s.yaml", *StagePaths("d.json", "i.tsv", "results/train/a/model", "out").argv()]
+STAGE_ARGS = ["--config", "s.yaml", *StagePaths(train_data="d.json", init="results/train/a/model", output_dir="out",
+                                                 features_index="i.tsv").argv()]
 
 
 def test_launch_commands():
     stage = ["py", "-m", "pipeline.train.stage", *STAGE_ARGS]
-    assert STAGE_ARGS[2:] == ["--train-data", "d.json", "--features-index", "i.tsv", "--init",
-                              "results/train/a/model", "--output-dir", "out"]
+    assert STAGE_ARGS[2:] == ["--train-data", "d.json", "--init", "results/train/a/model", "--output-dir", "out",
+                              "--features-index", "i.tsv"]
     assert build_command(STAGE_ARGS, 0, 1, python="py") == stage  # CPU
     assert build_command(STAGE_ARGS, 1, 1, python="py", in_slurm=True) == stage  # 1 x 1 GPU: already in srun -n1
     assert build_command(STAGE_ARGS, 8, 1, python="py") == [  # 1 x 8 on a workstation
@@ -329,9 +330,9 @@ def test_resolve_stage_gives_settings_and_no_paths():
     config = {
         "llm": {"name_or_path": "m", "template": "chatml"}, "model": {"mm_projector_type": "mlp2x_gelu"},
         "stages": [
-            {"name": "a", "init": None, "train": {"mm_projector": True, "llm": "frozen"}, "lora": {"r": 2},
+            {"name": "a", "init": None, "train": {"connector": "full", "llm": "frozen"}, "lora": {"r": 2},
              "learning_rate": 1e-3},
-            {"name": "b", "init": "a", "train": {"mm_projector": True, "llm": "lora"}, "lora": {"r": 2},
+            {"name": "b", "init": "a", "train": {"connector": "full", "llm": "lora"}, "lora": {"r": 2},
              "report_to": []},
         ],
     }
@@ -343,7 +344,7 @@ def test_resolve_stage_gives_settings_and_no_paths():
     with pytest.raises(ValueError, match=r"stages\[a\].init: 'b' is not an earlier stage"):
         resolve_stage(config, "a")
     with pytest.raises(ValueError, match="nothing trains"):
-        StageConfig(name="x", template="chatml", train_mm_projector=False)
+        StageConfig(name="x", template="chatml", connector_training="frozen")
 
 
 def test_report_to_accepts_installed_reporters_only():

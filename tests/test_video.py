@@ -188,11 +188,24 @@ def test_theora_decoder_noise_is_not_an_error(tmp_path):
     assert encode({"path": str(ogv)}, tmp_path / "out.mp4", COMPRESS)["frames"] > 100
 
 
+def test_a_still_image_is_a_one_frame_video(tmp_path):
+    picture = package_file("iscc_samples", "files/image/demo.jpg")
+    info = probe(picture)
+    assert (info.still, info.frames, info.duration, info.width, info.height) == (True, 1, 1.0, 200, 133)
+    out = encode({"path": str(picture)}, tmp_path / "picture.mp4", COMPRESS)
+    assert out["frames"] == 1 and out["codec"] == "h264"
+    frames, indices, _ = read_frames(tmp_path / "picture.mp4", FrameSampling("midpoints", 8))
+    assert frames.shape[0] == 1 and indices.tolist() == [0]  # an image is one frame, not eight copies
+
+
 def test_probe_refuses_what_is_not_a_video(tmp_path, clips):
     with pytest.raises(ItemError, match="not a video: libav reads it as 'tty'"):
         probe(clips["text"])
-    with pytest.raises(ItemError, match="not a video: libav reads it as 'image2'"):
-        probe(package_file("iscc_samples", "files/image/demo.jpg"))
+    picture = package_file("iscc_samples", "files/image/demo.jpg")
+    disguised = tmp_path / "picture.mp4"  # a picture where a video should be
+    disguised.write_bytes(picture.read_bytes())
+    with pytest.raises(ItemError, match="not a video: libav reads it as 'jpeg_pipe'"):
+        probe(disguised)
     with pytest.raises(ItemError, match="missing file"):
         probe(tmp_path / "absent.mp4")
 

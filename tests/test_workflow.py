@@ -49,7 +49,7 @@ def run(tmp_path_factory, clips, tiny_llm_dir):
         ("Where is the man?", "In a car."), ("What does he wear?", "A bow tie."), ("What does he do?", "Talks.")]]
     qa += [{"video_id": "fake", "q": "What is this?", "a": "Text."}]
     (workdir / "qa.json").write_text(json.dumps(qa))
-    stage = {"train": {"mm_projector": True, "llm": "frozen"}, "epochs": 1, "batch_size": 2, "max_length": 64,
+    stage = {"train": {"connector": "full", "llm": "frozen"}, "epochs": 1, "batch_size": 2, "max_length": 64,
              "learning_rate": 1e-3, "deepspeed": str(REPO / "config/deepspeed/zero2.json"),
              "resources": {"cpus": 2}}
     config = {
@@ -61,7 +61,7 @@ def run(tmp_path_factory, clips, tiny_llm_dir):
         "llm": {"name_or_path": str(tiny_llm_dir), "gguf": None, "template": "chatml"},
         "stages": [
             {"name": "stage1", "init": None, **stage},
-            {"name": "stage2", "init": "stage1", **stage, "train": {"mm_projector": True, "llm": "lora"},
+            {"name": "stage2", "init": "stage1", **stage, "train": {"connector": "full", "llm": "lora"},
              "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}},
         ],
         "evaluate": {"max_new_tokens": 4},
@@ -129,9 +129,9 @@ def test_a_deleted_features_shard_is_remade_before_the_index(run):
 @pytest.mark.parametrize("change, message", [
     ({"features": {"modle": "ViT-L-14"}}, "features.modle (bad.yaml): unknown key; did you mean 'model'?"),
     ({"data": {"shard_size": "many"}}, "data.shard_size (bad.yaml): 'many' is not of type 'integer'"),
-    ({"stages": [{"name": "s", "train": {"mm_projector": True, "llm": "partly"}}]},
+    ({"stages": [{"name": "s", "train": {"connector": "full", "llm": "partly"}}]},
      "stages[0].train.llm (bad.yaml): 'partly' is not one of frozen, lora, full"),
-    ({"stages": [{"name": "s", "train": {"mm_projector": True, "llm": "lora"}, "learnig_rate": 0.1}]},
+    ({"stages": [{"name": "s", "train": {"connector": "full", "llm": "lora"}, "learnig_rate": 0.1}]},
      "stages[0].learnig_rate (bad.yaml): unknown key; did you mean 'learning_rate'?"),
     ({"compress": {"preset": "veryfsat"}}, "compress.preset (bad.yaml): 'veryfsat' is not one of ultrafast"),
     ({"compress": {"fps": float("nan")}}, "compress.fps (bad.yaml): nan is not a finite number"),
@@ -182,3 +182,23 @@ def test_single_pass_compresses_the_downloads_without_transcoding(run):
     assert [float(d) for d in status["duration"]] == pytest.approx([5.0, 4.33], abs=0.01)  # cut here, at 3 fps
     fake = read_table(run / "results" / "compress" / "shard-00001.tsv")
     assert fake["reason"][0].startswith("not a video: text")
+
+
+def test_online_stages_read_the_videos_compressed_at_their_resolution_each_size_once(run):
+    config = yaml.safe_load((run / "config" / "config.yaml").read_text())
+    for stage in config["stages"]:  # both stages online at 64 px: one more compressed size, made once
+        stage.update(vision="online", resolution=64)
+    (run / "online.yaml").write_text(yaml.safe_dump(config))
+    done = snakemake(run, "--configfile", "online.yaml", "-n", "-p")
+    assert "features" not in planned_jobs(done)  # no stage reads cached features
+    shells = [line.split("Shell command: ", 1)[1] for line in done.stdout.splitlines() if "Shell command: " in line]
+    train = [shlex.split(shell) for shell in shells if "pipeline.train.launch" in shell]
+    assert len(train) == 2 and all(c[c.index("--videos") + 1] == "results/compress_64px/index.tsv" for c in train)
+    assert all("--features-index" not in c for c in train)
+    compress = [shlex.split(shell) for shell in shells if "pipeline.video.compress" in shell]
+    small = [c for c in compress if c[c.index("--out-dir") + 1].startswith("results/compress_64px/")]
+    assert len(small) == 2 and {c[c.index("--size") + 1] for c in small} == {"64"}  # each shard once, at 64 px
+    indexes = [shlex.split(shell) for shell in shells if "pipeline.video.index" in shell]
+    assert [c[c.index("--out") + 1] for c in indexes] == ["results/compress_64px/index.tsv"]
+    instructions = [shlex.split(shell) for shell in shells if "pipeline.data.instructions" in shell]
+    assert all(c[c.index("--index") + 1] == "results/compress_64px/index.tsv" for c in instructions)

@@ -1,16 +1,22 @@
-"""Training samples: instruction records + cached video features -> token ids, labels and feature rows.
+"""Training samples: instruction records + their visuals -> token ids, labels and the visuals' inputs.
+
+A record names zero, one or several visuals (:func:`pipeline.data.formats.visuals`). Where a visual's inputs come
+from is a *visual source*: :class:`CachedVisuals` (the features rule's tokens, a stage with ``vision: cached``) or
+:class:`pipeline.data.frames.OnlineVisuals` (frames decoded from the compressed videos in DataLoader workers, the
+tower running in the training step). Each ``<video>`` marker of a conversation takes its visual's n positions, n as
+the connector says (:meth:`pipeline.model.connectors.base.Connector.num_tokens`), in marker order; a text-only
+record has no marker and an empty visual input, so every batch has one (the connector then stays in the graph of
+every step, as DDP and ZeRO expect of a trained parameter).
 
 :func:`fit_records` checks once, before training, that every sample's mask can be built exactly within the length
-limit; the dataset then tokenizes lazily, per ``__getitem__``.
-
-A record names zero, one or several visuals (:func:`pipeline.data.formats.visuals`): each ``<video>`` marker of
-its conversation takes the feature rows of its visual, in marker order; a text-only record has no marker and no
-rows, and its sample carries a ``(0, D)`` feature tensor, so every batch has one (the projector then stays in the
-graph of every step, as DDP and ZeRO expect of a trained parameter).
+limit; the dataset then tokenizes lazily, per ``__getitem__``. A visual that cannot be read at training time (a
+video whose frames do not decode) is skipped with its reason (:class:`InstructionDataset`), never a crash.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,40 +26,109 @@ from pipeline import IGNORE_INDEX, VIDEO_TOKEN
 from pipeline.data.formats import visuals
 from pipeline.data.templates import Template, tokenize_conversation
 from pipeline.features.store import FeatureStore
-from pipeline.io import read_json
+from pipeline.io import read_json, read_table
+from pipeline.shards import ItemError
 
 
-def visual_rows(store: FeatureStore, records: list[dict], max_frames: int | None = None) -> dict[str, int]:
-    """``video_id -> N`` (:meth:`FeatureStore.rows` with ``max_frames``) of every visual ``records`` name that has
-    features: the ``video_tokens`` of :func:`fit_records`."""
-    names = {video for record in records for video in visuals(record)}
-    return {video: store.rows(video, max_frames) for video in names if video in store}
+@dataclass(frozen=True)
+class VisualInfo:
+    """What a visual gives the connector, known before it is loaded.
+
+    Attributes:
+        frames: T, frames of tokens (0 when the rows are not per frame: Video-ChatGPT's pooled rows).
+        patches: S, tokens a frame (for pooled rows: the spatial rows).
+        rows: N, the rows of the visual's tokens.
+        sampled: frames sampled from the video.
+        duration: the video's length in seconds (0 when unknown).
+    """
+
+    frames: int
+    patches: int
+    rows: int
+    sampled: int
+    duration: float
 
 
-def record_features(record: dict, store: FeatureStore, dim: int, max_frames: int | None = None
-                    ) -> tuple[torch.Tensor, list[int]]:
-    """The feature rows of the visuals ``record`` names, concatenated in marker order, and each visual's row count.
+class CachedVisuals:
+    """Visuals from the features store (``vision: cached``).
 
     Args:
-        dim: D, the width of a text-only record's empty tensor.
+        store: the :class:`FeatureStore`.
         max_frames: see :meth:`FeatureStore.get`.
-
-    Returns:
-        ``(sum N_i, D)`` float16 (``(0, dim)`` for a text-only record) and ``[N_1, ...]``, the
-        ``num_video_tokens`` of :func:`tokenize_conversation`.
-
-    Raises:
-        KeyError: a visual is not in the store.
     """
-    parts = [torch.from_numpy(store.get(video, max_frames)) for video in visuals(record)]
-    if not parts:
-        return torch.zeros((0, dim), dtype=torch.float16), []
-    return torch.cat(parts), [len(part) for part in parts]
+
+    def __init__(self, store: FeatureStore, max_frames: int | None = None):
+        self.store, self.max_frames = store, max_frames
+        table = read_table(store.index)
+        self.durations = {video: float(d or 0) for video, d in zip(table["video_id"], table.get("duration", []))}
+
+    @property
+    def dim(self) -> int:
+        """D, the width of the tokens."""
+        return self.store.dim
+
+    def __contains__(self, video_id: str) -> bool:
+        return video_id in self.store
+
+    def info(self, video_id: str) -> VisualInfo:
+        """The :class:`VisualInfo` of ``video_id``.
+
+        Raises:
+            KeyError: not in the store.
+        """
+        rows = self.store.rows(video_id, self.max_frames)
+        layout = self.store.info(video_id)
+        per_frame = layout["layout"] == "frames"
+        frames = rows // layout["S"] if per_frame else 0
+        return VisualInfo(frames, layout["S"], rows, frames if per_frame else layout["T"],
+                          self.durations.get(video_id, 0.0))
+
+    def load(self, video_id: str) -> dict:
+        """``{"video_features": (N, D) float16, "layout": (T, S)}`` of ``video_id``."""
+        info = self.info(video_id)
+        return {"video_features": torch.from_numpy(self.store.get(video_id, self.max_frames)),
+                "layout": (info.frames, info.patches)}
+
+
+def visual_tokens(source, records: list[dict], connector) -> dict[str, int]:
+    """``video_id -> n``, the LLM positions of every visual ``records`` name that ``source`` holds: the
+    ``video_tokens`` of :func:`fit_records`.
+
+    Args:
+        source: a visual source (:class:`CachedVisuals`, :class:`pipeline.data.frames.OnlineVisuals`).
+        connector: the stage's connector (its :meth:`num_tokens`).
+    """
+    names = {video for record in records for video in visuals(record)}
+    counts = {}
+    for video in names:
+        if video in source:
+            info = source.info(video)
+            counts[video] = connector.num_tokens(info.frames, info.patches, info.rows)
+    return counts
+
+
+def with_video_prompt(record: dict, prompt: str | None, infos: list[VisualInfo]) -> list[dict]:
+    """The record's conversation with ``prompt`` (``{duration}`` in seconds, ``{frames}`` sampled) put right
+    after each video's ``<video>`` marker (VideoChat-Flash ``llava/train/train.py`` ``preprocess_multimodal``:
+    ``<image>`` + ``"\\nThe video lasts for 12.34 seconds, and 64 frames are uniformly sampled from it. "``,
+    then the question after its newline). Image records get none, as there."""
+    turns = record["conversations"]
+    if not prompt or record.get("modality") == "image" or not infos:
+        return turns
+    texts = iter(prompt.format(duration=info.duration, frames=info.sampled) for info in infos)
+    out = []
+    for turn in turns:
+        value = turn["value"]
+        if VIDEO_TOKEN in value:
+            parts = value.split(VIDEO_TOKEN)
+            value = parts[0] + "".join(VIDEO_TOKEN + next(texts) + part for part in parts[1:])
+        out.append({**turn, "value": value})
+    return out
 
 
 def fit_records(records: list[dict], tokenizer, template: Template, max_length: int,
-                video_tokens: dict[str, int], video_wrap: tuple[int, int] | None = None
-                ) -> tuple[list[dict], list[dict]]:
+                video_tokens: dict[str, int], video_wrap: tuple[int, int] | None = None,
+                source=None, video_prompt: str | None = None) -> tuple[list[dict], list[dict]]:
     """The records as they fit in ``max_length`` tokens, and the ones that cannot, with the reason.
 
     A record longer than ``max_length`` loses whole trailing question/answer pairs until it fits (its kept
@@ -63,8 +138,10 @@ def fit_records(records: list[dict], tokenizer, template: Template, max_length: 
     (nothing to train on) is excluded.
 
     Args:
-        video_tokens: ``video_id -> N``, the rows of each visual's features (:func:`visual_rows`).
+        video_tokens: ``video_id -> n``, each visual's LLM positions (:func:`visual_tokens`).
         video_wrap: see :func:`tokenize_conversation`.
+        source, video_prompt: with a prompt, the visual source whose :meth:`info` fills it in
+            (:func:`with_video_prompt`).
 
     Returns:
         ``(kept, excluded)``; a shortened record gets ``"dropped_turns"``, an excluded one is
@@ -72,18 +149,20 @@ def fit_records(records: list[dict], tokenizer, template: Template, max_length: 
     """
     kept, excluded = [], []
     for record in records:
-        turns = record["conversations"]
         try:
             if record.get("unanswered"):
                 raise ValueError("unanswered: no reference answer to train on")
             rows = [video_tokens[video] for video in visuals(record)]
+            infos = [source.info(video) for video in visuals(record)] if video_prompt else []
+            turns = with_video_prompt(record, video_prompt, infos)
             marked = [i for i, turn in enumerate(turns) if VIDEO_TOKEN in turn["value"]]
             shortest = max(marked, default=0) + 2 - max(marked, default=0) % 2  # through the last marker's answer
             for end in range(len(turns), shortest - 1, -2):
                 ids, _ = tokenize_conversation(turns[:end], tokenizer, template, rows, video_wrap=video_wrap)
                 if len(ids) <= max_length:
-                    kept.append(record if end == len(turns) else
-                                {**record, "conversations": turns[:end], "dropped_turns": len(turns) - end})
+                    whole = end == len(turns)
+                    kept.append(record if whole else {**record, "conversations": record["conversations"][:end],
+                                                      "dropped_turns": len(turns) - end})
                     break
             else:
                 raise ValueError(f"the visuals ({sum(rows)} tokens) and the answers through the last one need "
@@ -95,57 +174,99 @@ def fit_records(records: list[dict], tokenizer, template: Template, max_length: 
 
 
 class InstructionDataset(Dataset):
-    """LLaVA conversation records with their visuals' features.
+    """LLaVA conversation records with their visuals' inputs.
 
-    Each item is ``{"id", "input_ids": (L,) int64, "labels": (L,) int64, "video_features": (N, D) float16}`` where
-    the ``N`` positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the feature rows in order (:func:
-    `record_features`: each marker its visual's rows; ``N = 0`` for a text-only record).
+    Each item is ``{"id", "input_ids": (L,) int64, "labels": (L,) int64, "layouts": [(T, S), ...]}`` and, from
+    a :class:`CachedVisuals` source, ``"video_features": (sum N, D) float16`` (``(0, D)`` for a text-only record),
+    or from an online one ``"pixel_values": (sum T, 3, H, W) uint8`` with ``"frames": [T, ...]``. The positions of
+    ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the connector's output for the visuals, in marker order.
+
+    A record whose visual cannot be loaded (:class:`~pipeline.shards.ItemError`: a video that does not decode, or
+    decodes to more tokens than its record was fitted for) is skipped: the next record takes its place in the
+    batch, and ``{"id", "video", "reason"}`` is appended to ``skipped`` (a JSON-lines file, written from the
+    DataLoader workers), which the stage lists in its ``excluded.jsonl``.
 
     Args:
         records: records that fit ``max_length`` (:func:`fit_records`), or their JSON file.
+        source: the visual source.
+        connector: the stage's connector (its ``num_tokens``).
         max_length: longest sequence in tokens.
         video_wrap: see :func:`tokenize_conversation`.
-        max_frames: see :meth:`FeatureStore.get`.
+        video_prompt: see :func:`with_video_prompt`.
+        skipped: where skipped records are listed; None: not listed.
     """
 
-    def __init__(self, records: list[dict] | str | Path, tokenizer, template: Template, store: FeatureStore,
-                 max_length: int, video_wrap: tuple[int, int] | None = None, max_frames: int | None = None):
+    def __init__(self, records: list[dict] | str | Path, tokenizer, template: Template, source, connector,
+                 max_length: int, video_wrap: tuple[int, int] | None = None, video_prompt: str | None = None,
+                 skipped: str | Path | None = None):
         self.records = read_json(records) if isinstance(records, (str, Path)) else records
-        self.tokenizer, self.template, self.store, self.max_length = tokenizer, template, store, max_length
-        self.video_wrap, self.max_frames = video_wrap, max_frames
-        self.dim = store.dim  # also the width of a text-only sample's empty feature tensor
+        self.tokenizer, self.template, self.source, self.max_length = tokenizer, template, source, max_length
+        self.connector, self.video_wrap, self.video_prompt, self.skipped = connector, video_wrap, video_prompt, skipped
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        """Tokenize record ``index``.
+        """Load and tokenize record ``index`` (or, when its visual cannot be loaded, the next loadable one).
 
         Raises:
-            ValueError: the record is longer than ``max_length`` (it did not pass :func:`fit_records`).
+            ItemError: no record of the dataset can be loaded.
         """
-        record = self.records[index]
-        features, rows = record_features(record, self.store, self.dim, self.max_frames)
-        ids, labels = tokenize_conversation(record["conversations"], self.tokenizer, self.template, rows,
+        for step in range(len(self.records)):
+            record = self.records[(index + step) % len(self.records)]
+            try:
+                return self.item(record)
+            except ItemError as exc:
+                if self.skipped is not None:
+                    with open(self.skipped, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps({"id": record["id"], "video": record.get("video"),
+                                                 "reason": f"at training time: {exc}"}, ensure_ascii=False) + "\n")
+        raise ItemError("no record's visuals could be loaded")
+
+    def item(self, record: dict, for_generation: bool = False) -> dict:
+        """Load and tokenize one record (``for_generation``: as a prompt, without its last answer).
+
+        Raises:
+            ItemError: a visual cannot be loaded, or gives more tokens than ``max_length`` leaves room for.
+        """
+        names = visuals(record)
+        loaded = [self.source.load(video) for video in names]
+        infos = [self.source.info(video) for video in names] if self.video_prompt else []
+        layouts = [item["layout"] for item in loaded]
+        rows = [self.connector.num_tokens(t, s, t * s if t else self._rows(item)) for item, (t, s)
+                in zip(loaded, layouts)]
+        ids, labels = tokenize_conversation(with_video_prompt(record, self.video_prompt, infos), self.tokenizer,
+                                            self.template, rows, for_generation=for_generation,
                                             video_wrap=self.video_wrap)
         if len(ids) > self.max_length:
-            raise ValueError(f"record {record['id']!r}: {len(ids)} tokens > max_length {self.max_length}; "
-                             "records must pass fit_records first")
-        return {
-            "id": record["id"],
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "video_features": features,
-        }
+            raise ItemError(f"{len(ids)} tokens > max_length {self.max_length} (its video decoded to more frames "
+                            "than its probe said)")
+        sample = {"id": record["id"], "input_ids": torch.tensor(ids, dtype=torch.long),
+                  "labels": torch.tensor(labels, dtype=torch.long), "layouts": layouts}
+        if isinstance(self.source, CachedVisuals):
+            parts = [item["video_features"] for item in loaded]
+            sample["video_features"] = torch.cat(parts) if parts else torch.zeros((0, self.source.dim),
+                                                                                  dtype=torch.float16)
+        else:
+            parts = [item["pixel_values"] for item in loaded]
+            sample["pixel_values"] = torch.cat(parts) if parts else self.source.empty()
+            sample["frames"] = [len(part) for part in parts]
+        return sample
+
+    @staticmethod
+    def _rows(item: dict) -> int:
+        return len(item["video_features"])
 
 
 class VideoCollator:
     """Pads a batch on the right: ``input_ids`` with ``pad_token_id``, ``labels`` with ``IGNORE_INDEX``.
 
-    Returns ``input_ids`` ``(B, L)``, ``labels`` ``(B, L)``, ``attention_mask`` ``(B, L)`` int64 and
-    ``video_features`` ``(sum N_i, D)``: every sample's rows, concatenated in batch order (``(0, D)`` for a batch of
-    text-only samples). With ``trace`` it appends each batch's record ids to that file (one line a batch: the data
-    order, to check a resumed run against an uninterrupted one).
+    Returns ``input_ids`` ``(B, L)``, ``labels`` ``(B, L)``, ``attention_mask`` ``(B, L)`` int64, the visuals'
+    layouts ``visual_layout`` ``(K, 2)`` int64 (each visual's ``(T, S)``, in batch order), and either
+    ``video_features`` ``(sum N_i, D)`` (every sample's rows, concatenated in batch order; ``(0, D)`` for a batch of
+    text-only samples) or ``pixel_values`` ``(sum T_i, 3, H, W)`` uint8 with ``visual_frames`` ``(K,)`` int64. With
+    ``trace`` it appends each batch's record ids to that file (one line a batch: the data order, to check a resumed
+    run against an uninterrupted one).
     """
 
     def __init__(self, pad_token_id: int, trace: str | Path | None = None):
@@ -162,9 +283,12 @@ class VideoCollator:
         if self.trace is not None:
             with open(self.trace, "a", encoding="utf-8") as handle:
                 handle.write(" ".join(item["id"] for item in batch) + "\n")
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": attention_mask,
-            "video_features": torch.cat([item["video_features"] for item in batch]),
-        }
+        layouts = [layout for item in batch for layout in item["layouts"]]
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+               "visual_layout": torch.tensor(layouts, dtype=torch.long).reshape(-1, 2)}
+        if "pixel_values" in batch[0]:
+            out["pixel_values"] = torch.cat([item["pixel_values"] for item in batch])
+            out["visual_frames"] = torch.tensor([t for item in batch for t in item["frames"]], dtype=torch.long)
+        else:
+            out["video_features"] = torch.cat([item["video_features"] for item in batch])
+        return out

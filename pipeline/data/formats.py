@@ -62,7 +62,8 @@ class Options:
     Attributes:
         root: the folder the entries' video paths are relative to (class_folders: the dataset folder itself).
         labels: SSv2's ``labels.json`` (official layout) or ``id2label.json`` (the LLaVA fork's csv layout).
-        images: ``drop`` or ``keep`` image records of LLaVA-style files (counted either way).
+        images: ``keep`` (image records of LLaVA-style files train as one-frame videos; their pictures go through
+            the video rules like videos) or ``drop`` them (counted either way).
         split: class_folders: take only ``train``, ``test`` or ``val`` videos (None: all).
         video_placement: videochatgpt_qa: ``alternate`` (Video-ChatGPT's converter: after the question for even
             entries, before it for odd ones), ``before`` or ``after``.
@@ -71,7 +72,7 @@ class Options:
 
     root: str | None = None
     labels: str | None = None
-    images: str = "drop"
+    images: str = "keep"
     split: str | None = None
     video_placement: str = "alternate"
     seed: int = 0

@@ -80,6 +80,16 @@ TEMPLATES = {
             source="ChatML as in the chat templates of SmolLM2-Instruct and Qwen2 (tokenizer_config.json)",
         ),
         Template(
+            name="qwen_2",
+            system="You are a helpful assistant.",
+            system_format="<|im_start|>system\n{content}<|im_end|>\n",
+            user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+            assistant_format="{content}<|im_end|>",
+            assistant_sep="\n",
+            source="VideoChat-Flash llava-train_videochat/llava/train/train.py preprocess_qwen (lines 585-603): "
+                   "ChatML, system 'You are a helpful assistant.', no BOS",
+        ),
+        Template(
             name="vicuna_v1",
             system=(
                 "A chat between a curious user and an artificial intelligence assistant. The assistant gives "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.cli import parser as cli_parser
 from pipeline.cli import run
-from pipeline.data.templates import get_template, tokenize_conversation, video_wrap_ids
+from pipeline.data.templates import get_template, video_wrap_ids
 from pipeline.eval.metrics import score
 from pipeline.io import atomic_path, read_json, write_json
 
@@ -36,11 +36,41 @@ def left_pad(prompts: list[list[int]], pad_id: int):
     return ids, mask
 
 
-def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str | Path, out_dir: str | Path,
-             max_new_tokens: int = 32, batch_size: int = 8) -> dict:
+def stage_source(model, meta: dict, index: str | Path | None, videos: str | Path | None):
+    """The visual source a stage reads at inference: the cached features of ``index``, or for a stage with online
+    vision the frames of ``videos`` (the compressed videos' index), sampled as the stage was trained and not
+    augmented.
+
+    Raises:
+        ValueError: the path the stage's vision needs is not given.
+    """
+    from pipeline.data.dataset import CachedVisuals
+    from pipeline.features.store import FeatureStore
+
+    if meta.get("vision") == "online":
+        from pipeline.data.frames import OnlineVisuals, TowerGeometry
+        from pipeline.features.encoder import FramePrep
+        from pipeline.video.frames import FrameSampling
+
+        if videos is None:
+            raise ValueError(f"stage {meta['stage']} reads frames (vision: online): give the videos' index")
+        tower = model.vision_tower
+        sampling = FrameSampling(**{("method" if k == "sampling" else k): v for k, v in meta["frames"].items()})
+        prep = FramePrep(tuple(tower.image_size), meta["vision_tower"].get("resize", "crop"))
+        return OnlineVisuals(videos, sampling, prep, TowerGeometry.of(tower))
+    if index is None:
+        raise ValueError(f"stage {meta['stage']} reads cached features: give the features index")
+    return CachedVisuals(FeatureStore(index), meta.get("max_frames"))
+
+
+def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str | Path | None, out_dir: str | Path,
+             max_new_tokens: int = 32, batch_size: int = 8, videos: str | Path | None = None) -> dict:
     """Generate an answer to the last question of every record of ``records_paths`` (the datasets' val splits)
     and score it against the record's answer, when it has one
     (on a GPU in bfloat16 when one is available, else on the CPU in float32).
+
+    Args:
+        index, videos: the features index (cached stages) or the compressed videos' index (online stages).
 
     Returns:
         The metrics (also written to ``<out_dir>/metrics.json``).
@@ -48,8 +78,7 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
     import torch
     from transformers import AutoTokenizer
 
-    from pipeline.data.dataset import record_features
-    from pipeline.features.store import FeatureStore
+    from pipeline.data.dataset import InstructionDataset, VideoCollator
     from pipeline.model.checkpoint import load_stage
 
     torch.manual_seed(0)
@@ -60,18 +89,19 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
     wrap = video_wrap_ids(tokenizer, meta["video_start_end"])
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = get_template(meta["template"])
-    store = FeatureStore(index)
+    source = stage_source(model, meta, index, videos)
+    samples = InstructionDataset([], tokenizer, template, source, model.mm_projector, 10**9, wrap,
+                                 meta.get("video_prompt"))
     records = [record for path in records_paths for record in read_json(path)]
     predictions = []
     for first in range(0, len(records), batch_size):
         batch = records[first:first + batch_size]
-        visual = [record_features(r, store, meta["mm_hidden_size"], meta.get("max_frames")) for r in batch]
-        prompts = [tokenize_conversation(r["conversations"], tokenizer, template, rows, for_generation=True,
-                                         video_wrap=wrap)[0] for r, (_, rows) in zip(batch, visual)]
-        ids, mask = left_pad(prompts, pad_id)
-        out = model.generate(ids.to(device), mask.to(device), torch.cat([f for f, _ in visual]).to(device),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=pad_id)
+        loaded = [samples.item(r, for_generation=True) for r in batch]
+        ids, mask = left_pad([item["input_ids"].tolist() for item in loaded], pad_id)
+        visual = {key: value.to(device) for key, value in VideoCollator(pad_id)(loaded).items()
+                  if key in ("video_features", "visual_layout", "pixel_values", "visual_frames")}
+        out = model.generate(ids.to(device), mask.to(device), **visual, max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
         for record, tokens in zip(batch, out):
             answered = not record.get("unanswered")  # an unanswered record ends with its question
             predictions.append({
@@ -99,7 +129,8 @@ def parser() -> argparse.ArgumentParser:
     parser = cli_parser(__spec__.name, __doc__)
     parser.add_argument("--model", required=True, help="a stage's model folder")
     parser.add_argument("--records", required=True, nargs="+", help="the val splits")
-    parser.add_argument("--index", required=True, help="the features index")
+    parser.add_argument("--index", help="the features index (stages with cached vision)")
+    parser.add_argument("--videos", help="the compressed videos' index (stages with online vision)")
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -109,7 +140,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Evaluate one stage (:func:`evaluate`)."""
     args = parser().parse_args(argv)
-    evaluate(args.model, args.records, args.index, args.out_dir, args.max_new_tokens, args.batch_size)
+    evaluate(args.model, args.records, args.index, args.out_dir, args.max_new_tokens, args.batch_size, args.videos)
     return 0
 
 

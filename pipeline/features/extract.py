@@ -95,8 +95,8 @@ class _Frames:
     """One item per video, for a DataLoader: the row with its sampled frames fitted to the tower, or the reason
     they could not be read."""
 
-    def __init__(self, rows: list[dict], sampling: FrameSampling, prep):
-        self.rows, self.sampling, self.prep = rows, sampling, prep
+    def __init__(self, rows: list[dict], sampling: FrameSampling, prep, multiple: int = 1):
+        self.rows, self.sampling, self.prep, self.multiple = rows, sampling, prep, multiple
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -104,7 +104,7 @@ class _Frames:
     def __getitem__(self, index: int) -> dict:
         row = self.rows[index]
         try:
-            frames, indices, times = read_frames(row["path"], self.sampling)
+            frames, indices, times = read_frames(row["path"], self.sampling, self.multiple)
             return {**row, "pixels": self.prep(frames), "indices": indices, "times": times, "error": ""}
         except ItemError as exc:
             return {**row, "error": str(exc)}
@@ -116,16 +116,17 @@ def _single_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def decoded(rows: list[dict], config: FeatureConfig, prep):
+def decoded(rows: list[dict], config: FeatureConfig, prep, multiple: int = 1):
     """Yield every row with its decoded frames (``pixels`` ``(T, 3, H, W)`` uint8, ``indices``, ``times`` in
-    seconds) or an ``error``, decoded by ``config.workers`` DataLoader processes ahead of the tower; a video whose
-    worker hangs past ``decode_timeout`` gets an error and the rest are loaded afresh."""
+    seconds; T a multiple of ``multiple``, the tower's clip, unless the video is one frame) or an ``error``,
+    decoded by ``config.workers`` DataLoader processes ahead of the tower; a video whose worker hangs past
+    ``decode_timeout`` gets an error and the rest are loaded afresh."""
     from torch.utils.data import DataLoader
 
     start = 0
     while start < len(rows):
         rest = rows[start:]
-        loader = DataLoader(_Frames(rest, config.sampling, prep), batch_size=None, num_workers=config.workers,
+        loader = DataLoader(_Frames(rest, config.sampling, prep, multiple), batch_size=None, num_workers=config.workers,
                             worker_init_fn=_single_thread if config.workers else None,
                             timeout=config.decode_timeout if config.workers else 0)
         position = 0
@@ -163,7 +164,7 @@ def extract_shard(rows: list[dict], out: str | Path, config: FeatureConfig, thre
     def load(pending: list[dict]):
         if pending:
             encoder.append(FrameEncoder(config.encoder))
-            yield from decoded(pending, config, encoder[0].prep)
+            yield from decoded(pending, config, encoder[0].prep, encoder[0].tower.clip_frames)
 
     def produce(row: dict, writer) -> dict:
         if row["error"]:
@@ -172,7 +173,7 @@ def extract_shard(rows: list[dict], out: str | Path, config: FeatureConfig, thre
         features = config.pool(tokens, encoder[0].grid)
         if not torch.isfinite(features).all():
             raise ItemError("non-finite features (NaN or beyond float16 range)")
-        frames = len(row["indices"])
+        frames = len(tokens)  # the tower's output frames (a multi-channel tower folds 16 frames into 3)
         per_frame = tokens.shape[1] if config.pooling == "videochatgpt" else len(features) // frames
         writer.add(row["video_id"], features.numpy(), config.pooling,
                    len(features) - per_frame if config.pooling == "videochatgpt" else frames, per_frame,

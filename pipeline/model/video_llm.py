@@ -1,10 +1,13 @@
-"""The video-LLM: any Hugging Face causal LM plus an ``mm_projector`` that feeds it video feature rows.
+"""The video-LLM: any Hugging Face causal LM, a connector (``mm_projector``) and, for online vision, the vision
+tower that feeds it.
 
-The positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the projected feature rows in order (LLaVA's
-``prepare_inputs_labels_for_multimodal``, without re-deriving labels: the dataset already masks those positions).
-Tokens a recipe adds to the vocabulary (Video-ChatGPT's ``<vid_start>``/``<vid_end>``) get their own small
-embedding table, ``extra_embeddings``, so that training them never touches the LLM's embedding matrix.
-A stage's folder on disk is :mod:`pipeline.model.checkpoint`'s.
+The positions of ``VIDEO_TOKEN_INDEX`` in ``input_ids`` take the connector's output for the batch's visuals in
+order (LLaVA's ``prepare_inputs_labels_for_multimodal``, without re-deriving labels: the dataset already masks those
+positions). The visuals come as cached tokens (``video_features`` with each visual's ``(T, S)`` layout) or as
+frames (``pixel_values``, run through ``vision_tower`` inside the step). Tokens a recipe adds to the vocabulary
+(Video-ChatGPT's ``<vid_start>``/``<vid_end>``) get their own small embedding table, ``extra_embeddings``, so that
+training them never touches the LLM's embedding matrix. A stage's folder on disk is
+:mod:`pipeline.model.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -29,40 +32,76 @@ def attention_implementation() -> str:
 
 
 class VideoLLM(nn.Module):
-    """A causal LM with an ``mm_projector``.
+    """A causal LM with a connector (``mm_projector``) and optionally a vision tower.
 
     Args:
         llm: a ``transformers`` causal LM (or a PEFT model wrapping one).
-        mm_projector: maps ``(N, D_vision)`` feature rows to ``(N, hidden_size)``.
+        mm_projector: a :class:`~pipeline.model.connectors.base.Connector` from the vision tokens to the LLM.
         extra_embeddings: embeddings of the tokens added to the vocabulary, ids ``base_vocab`` and up.
         base_vocab: the tokenizer's size before tokens were added.
+        vision_tower: a :class:`~pipeline.vision.tower.VisionTower` for batches of ``pixel_values`` (online
+            vision); None: the batches carry cached ``video_features``.
     """
 
     def __init__(self, llm: nn.Module, mm_projector: nn.Module, extra_embeddings: nn.Embedding | None = None,
-                 base_vocab: int | None = None):
+                 base_vocab: int | None = None, vision_tower: nn.Module | None = None):
         super().__init__()
         self.llm = llm
         self.mm_projector = mm_projector
         self.extra_embeddings = extra_embeddings
         self.base_vocab = base_vocab
+        self.vision_tower = vision_tower
 
     @property
     def config(self):
         """The LLM's config (the HF Trainer reads it)."""
         return self.llm.config
 
-    def embed(self, input_ids: torch.Tensor, video_features: torch.Tensor | None) -> torch.Tensor:
-        """Input embeddings with the projected video rows at the ``VIDEO_TOKEN_INDEX`` positions.
+    def vision_tokens(self, pixel_values: torch.Tensor, visual_frames: torch.Tensor
+                      ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Run the tower on each visual's frames.
+
+        Args:
+            pixel_values: ``(sum T_i, 3, H, W)`` uint8 frames of the batch's visuals, in order.
+            visual_frames: ``(K,)`` int64, T_i.
+
+        Returns:
+            ``(sum T'_i * S, D)`` tokens in the tower's dtype and each visual's ``(T'_i, S)``; no gradient when
+            the tower is frozen.
+        """
+        from pipeline.features.encoder import normalize
+
+        tower = self.vision_tower
+        trains = any(p.requires_grad for p in tower.parameters())
+        counts = visual_frames.tolist()
+        with contextlib.nullcontext() if trains and torch.is_grad_enabled() else torch.no_grad():
+            if tower.clip_frames == 1 and counts:  # frames are independent: one pass for the whole batch
+                tokens = tower(normalize(pixel_values, tower))
+                parts = tokens.split([tower.out_frames(t) for t in counts])
+            else:
+                parts = [tower(normalize(frames, tower)) for frames in pixel_values.split(counts)]
+        layouts = [(part.shape[0], part.shape[1]) for part in parts]
+        dim = tower.dim
+        rows = torch.cat([part.reshape(-1, dim) for part in parts]) if parts else pixel_values.new_zeros(
+            (0, dim), dtype=next(tower.parameters()).dtype)
+        return rows, layouts
+
+    def embed(self, input_ids: torch.Tensor, video_features: torch.Tensor | None = None,
+              visual_layout: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+              visual_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Input embeddings with the connector's output at the ``VIDEO_TOKEN_INDEX`` positions.
 
         Args:
             input_ids: ``(B, L)`` int64.
-            video_features: ``(M, D_vision)``, M = the number of ``VIDEO_TOKEN_INDEX`` positions in the batch.
+            video_features: ``(sum N_i, D)`` cached rows of the batch's visuals; or
+            pixel_values, visual_frames: their frames (:meth:`vision_tokens`).
+            visual_layout: ``(K, 2)`` int64, each visual's ``(T, S)`` (cached rows; ignored with frames).
 
         Returns:
             ``(B, L, hidden_size)`` in the embedding dtype.
 
         Raises:
-            ValueError: the number of video positions differs from the number of feature rows.
+            ValueError: the number of video positions differs from the connector's output.
         """
         is_video = input_ids == VIDEO_TOKEN_INDEX
         is_extra = input_ids >= self.base_vocab if self.extra_embeddings is not None else None
@@ -73,35 +112,50 @@ class VideoLLM(nn.Module):
         if is_extra is not None and is_extra.any():
             extra = self.extra_embeddings(input_ids[is_extra] - self.base_vocab).to(embeds.dtype)
             embeds = embeds.masked_scatter(is_extra.unsqueeze(-1), extra)
+        if pixel_values is not None:
+            video_features, layouts = self.vision_tokens(pixel_values, visual_frames)
+        elif visual_layout is not None:
+            layouts = [tuple(layout) for layout in visual_layout.tolist()]
+        else:  # rows without layouts: one visual of pooled rows (row-wise connectors only)
+            layouts = [(0, 0)] if video_features is not None and len(video_features) else []
         count = int(is_video.sum())
-        rows = 0 if video_features is None else video_features.shape[0]
-        if count != rows:
-            raise ValueError(f"{count} video positions in input_ids but {rows} video feature rows")
-        if video_features is not None:  # zero rows too (text-only batch): the projector stays in the step's graph
-            weight = next(self.mm_projector.parameters())
-            projected = self.mm_projector(video_features.to(weight.dtype)).to(embeds.dtype)
-            embeds = embeds.masked_scatter(is_video.unsqueeze(-1), projected)
-        return embeds
+        if video_features is None:
+            if count:
+                raise ValueError(f"{count} video positions in input_ids but no visual inputs")
+            return embeds
+        # zero rows too (text-only batch): the connector stays in the step's graph
+        weight = next(self.mm_projector.parameters())
+        projected = self.mm_projector.project(video_features.to(weight.dtype), layouts).to(embeds.dtype)
+        if count != len(projected):
+            raise ValueError(f"{count} video positions in input_ids but the connector gives {len(projected)} "
+                             "embeddings")
+        return embeds.masked_scatter(is_video.unsqueeze(-1), projected)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, video_features: torch.Tensor | None = None, **kwargs):
+                labels: torch.Tensor | None = None, video_features: torch.Tensor | None = None,
+                visual_layout: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                visual_frames: torch.Tensor | None = None, **kwargs):
         """The LLM's forward pass on the spliced embeddings; with ``labels``, its output carries the loss."""
-        embeds = self.embed(input_ids, video_features)
+        embeds = self.embed(input_ids, video_features, visual_layout, pixel_values, visual_frames)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, video_features: torch.Tensor,
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 video_features: torch.Tensor | None = None, visual_layout: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, visual_frames: torch.Tensor | None = None,
                  **kwargs) -> torch.Tensor:
         """Generate from left-padded prompts; returns only the new tokens ``(B, new)``."""
-        embeds = self.embed(input_ids, video_features)
+        embeds = self.embed(input_ids, video_features, visual_layout, pixel_values, visual_frames)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Checkpoint the LLM's layers (the HF Trainer calls this when ``gradient_checkpointing`` is set; ``kwargs``
-        such as ``every_n_layers`` go to the LLM's own method); the inputs require grad so that a frozen embedding
-        does not cut the graph to the projector."""
+        such as ``every_n_layers`` go to the LLM's own method) and a training tower's blocks where it supports it;
+        the inputs require grad so that a frozen embedding does not cut the graph to the connector."""
         self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
         self.llm.enable_input_require_grads()
+        if self.vision_tower is not None and hasattr(self.vision_tower, "gradient_checkpointing"):
+            self.vision_tower.gradient_checkpointing = True
 
 
 def gathered(*params: nn.Parameter):

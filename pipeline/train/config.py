@@ -7,20 +7,26 @@ Where a stage reads and writes is not a setting: the training rule passes its in
 command line (:func:`add_path_arguments`), as ``workflow/rules/common.smk`` (``stage_inputs``) decides them.
 
 The defaults of :class:`StageConfig` and :class:`LoraSettings` are those of the workflow schema's ``stages``
-items (``workflow/schemas/config.schema.yaml``), and its enums are :data:`LLM_TRAINING`, :data:`SCHEDULERS`,
-:data:`REPORTERS`, ``TEMPLATES`` and ``PROJECTORS``.
+items (``workflow/schemas/config.schema.yaml``), and its enums are :data:`LLM_TRAINING`, :data:`TOWER_TRAINING`,
+:data:`VISION`, :data:`PARAM_GROUPS`, :data:`SCHEDULERS`, :data:`REPORTERS`, ``TEMPLATES``, ``CONNECTORS`` and
+``AUGMENTATIONS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from pipeline.data.templates import TEMPLATES
-from pipeline.model.projector import PROJECTORS
+from pipeline.model.connectors import CONNECTORS
 
 LLM_TRAINING = ("frozen", "lora", "full")
+TOWER_TRAINING = ("frozen", "full", "lora")
+CONNECTOR_TRAINING = ("frozen", "full")
+VISION = ("cached", "online")
+PARAM_GROUPS = ("vision_tower", "connector", "llm", "lora")
+AUGMENTATIONS = ("none", "llava_ssv2", "llava_ssv2_noflip")  # pipeline.video.augment's (which imports torch)
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # report_to names of the HF Trainer, and the module each needs
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
@@ -54,12 +60,26 @@ class StageConfig:
     Attributes:
         name: the stage's name (``stage1``).
         template: chat template name (``chatml``, ``vicuna_v1``).
-        mm_projector_type: ``linear`` or ``mlp2x_gelu`` (ignored when the stage starts from an earlier stage's
-            folder: the projector is inherited).
+        mm_projector_type: the connector, one of ``CONNECTORS`` (ignored when the stage starts from an earlier
+            stage's folder: the connector is inherited).
         mm_projector_init: a LLaVA checkpoint (folder, hub name or weight file) whose ``mm_projector`` weights the
-            new projector starts from (Video-ChatGPT: LLaVA-Lightning-7B's); ignored when starting from a stage.
-        train_mm_projector: whether the projector trains.
+            new connector starts from (Video-ChatGPT: LLaVA-Lightning-7B's); ignored when starting from a stage.
+        connector_training: ``frozen`` or ``full``: whether the connector (and any added tokens' embeddings)
+            trains.
         llm_training: ``frozen``, ``lora`` (adapters on ``lora.target_modules``) or ``full``.
+        vision_tower_training: ``frozen``, ``full`` or ``lora`` (adapters on ``vision_lora.target_modules``;
+            ``full`` and ``lora`` need ``vision`` online).
+        vision_lora: LoRA settings of the tower when ``vision_tower_training`` is ``lora``.
+        vision: ``cached`` (the features rule's tokens) or ``online`` (frames decoded by DataLoader workers, the
+            tower in the step).
+        vision_tower: the tower (:class:`pipeline.features.encoder.EncoderConfig` fields: the features section's);
+            an online stage builds it, every stage records it in its folder.
+        frames: an online stage's frame sampling (:class:`pipeline.video.frames.FrameSampling` fields).
+        resolution: an online stage's tower input side in pixels; None: the tower's own.
+        augment: an online stage's frame augmentation, one of ``AUGMENTATIONS``.
+        video_prompt: text put before each video's question, ``{duration}`` (seconds) and ``{frames}`` filled in.
+        param_groups: ``{group: {"learning_rate", "weight_decay"}}`` for every group of :data:`PARAM_GROUPS`
+            (resolved: no value missing).
         lora: LoRA settings when ``llm_training`` is ``lora``.
         epochs: passes over the training records.
         learning_rate: peak learning rate.
@@ -90,8 +110,17 @@ class StageConfig:
     template: str
     mm_projector_type: str = "linear"
     mm_projector_init: str | None = None
-    train_mm_projector: bool = True
+    connector_training: str = "full"
     llm_training: str = "frozen"
+    vision_tower_training: str = "frozen"
+    vision: str = "cached"
+    vision_tower: dict = field(default_factory=dict)
+    frames: dict = field(default_factory=dict)
+    resolution: int | None = None
+    augment: str = "none"
+    video_prompt: str | None = None
+    param_groups: dict = field(default_factory=dict)
+    vision_lora: LoraSettings | None = None
     lora: LoraSettings | None = None
     epochs: float = 1.0
     learning_rate: float = 2e-5
@@ -116,17 +145,33 @@ class StageConfig:
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if isinstance(self.vision_lora, dict):
+            self.vision_lora = LoraSettings(**self.vision_lora)
         problems = []
         if self.template not in TEMPLATES:
             problems.append(f"template: unknown {self.template!r}; known: {sorted(TEMPLATES)}")
-        if self.mm_projector_type not in PROJECTORS:
-            problems.append(f"mm_projector_type: unknown {self.mm_projector_type!r}; known: {PROJECTORS}")
-        if self.llm_training not in LLM_TRAINING:
-            problems.append(f"llm_training: {self.llm_training!r} is not one of {LLM_TRAINING}")
+        if self.mm_projector_type not in CONNECTORS:
+            problems.append(f"mm_projector_type: unknown {self.mm_projector_type!r}; known: {CONNECTORS}")
+        for key, known in (("llm_training", LLM_TRAINING), ("vision_tower_training", TOWER_TRAINING),
+                           ("connector_training", CONNECTOR_TRAINING), ("vision", VISION),
+                           ("augment", AUGMENTATIONS)):
+            if getattr(self, key) not in known:
+                problems.append(f"{key}: {getattr(self, key)!r} is not one of {known}")
         if self.llm_training == "lora" and self.lora is None:
             problems.append("lora: llm_training is 'lora' but no lora settings are given")
-        if not self.train_mm_projector and self.llm_training == "frozen":
-            problems.append("nothing trains: train_mm_projector is false and llm_training is 'frozen'")
+        if self.vision_tower_training == "lora" and self.vision_lora is None:
+            problems.append("vision_lora: train.vision_tower is 'lora' but no vision_lora settings are given")
+        if (self.connector_training, self.llm_training, self.vision_tower_training) == ("frozen",) * 3:
+            problems.append("nothing trains: train.vision_tower, train.connector and train.llm are all frozen")
+        if self.vision_tower_training != "frozen" and self.vision != "online":
+            problems.append("train.vision_tower: a training tower needs vision: online (cached features are made "
+                            "by a frozen tower)")
+        if self.vision == "cached" and (self.frames or self.resolution or self.augment != "none"):
+            problems.append("frames, resolution and augment are settings of online stages (vision: online); a "
+                            "cached stage reads the features section's frames")
+        unknown_groups = set(self.param_groups) - set(PARAM_GROUPS)
+        if unknown_groups:
+            problems.append(f"param_groups: unknown group(s) {sorted(unknown_groups)}; groups are {PARAM_GROUPS}")
         if self.lr_scheduler not in SCHEDULERS:
             problems.append(f"lr_scheduler: {self.lr_scheduler!r} is not one of {SCHEDULERS}")
         if self.max_frames is not None and self.max_frames < 1:
@@ -164,8 +209,11 @@ class StageConfig:
 STAGE_HYPERPARAMETERS = (
     "epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "warmup_ratio",
     "lr_scheduler", "weight_decay", "bf16", "gradient_checkpointing", "save_steps", "logging_steps", "seed",
-    "dataloader_workers", "deepspeed", "video_start_end", "trace_batches", "max_frames", "report_to",
+    "dataloader_workers", "deepspeed", "video_start_end", "trace_batches", "max_frames", "report_to", "vision",
+    "resolution", "augment", "video_prompt",
 )
+TOWER_KEYS = ("backend", "model", "pretrained", "seed", "layer", "overrides", "resize")  # of the features section
+FRAME_KEYS = ("sampling", "num_frames", "fps", "min_frames", "max_frames")
 
 
 def resolve_stage(config: dict, name: str) -> dict:
@@ -182,16 +230,30 @@ def resolve_stage(config: dict, name: str) -> dict:
     init = stage.get("init")
     if init is not None and init not in names[: names.index(name)]:
         raise ValueError(f"stages[{name}].init: {init!r} is not an earlier stage ({names[: names.index(name)]})")
+    features = config.get("features") or {}
     resolved = {
         "name": name,
         "template": stage.get("template") or config["llm"]["template"],
         "mm_projector_type": config["model"]["mm_projector_type"],
         "mm_projector_init": config["model"].get("mm_projector_init"),
-        "train_mm_projector": stage["train"]["mm_projector"],
+        "connector_training": stage["train"]["connector"],
         "llm_training": stage["train"]["llm"],
+        "vision_tower_training": stage["train"].get("vision_tower", "frozen"),
+        "vision_tower": {key: features[key] for key in TOWER_KEYS if key in features},
         "lora": stage.get("lora") if stage["train"]["llm"] == "lora" else None,
+        "vision_lora": stage.get("vision_lora") if stage["train"].get("vision_tower") == "lora" else None,
         **{key: stage[key] for key in STAGE_HYPERPARAMETERS if key in stage},
     }
+    if resolved.get("vision") == "online":  # the features section's frames, with the stage's own over them
+        resolved["frames"] = {**{key: features[key] for key in FRAME_KEYS if key in features},
+                              **(stage.get("frames") or {})}
+    elif stage.get("frames"):
+        resolved["frames"] = stage["frames"]  # refused by StageConfig: frames are an online stage's
+    groups = stage.get("param_groups") or {}
+    resolved["param_groups"] = {
+        group: {"learning_rate": resolved.get("learning_rate", StageConfig.learning_rate),
+                "weight_decay": resolved.get("weight_decay", StageConfig.weight_decay), **(groups.get(group) or {})}
+        for group in (*PARAM_GROUPS, *(set(groups) - set(PARAM_GROUPS)))}
     StageConfig.from_dict(resolved)
     return resolved
 
@@ -203,16 +265,19 @@ class StagePaths:
 
     Attributes:
         train_data: JSON list of LLaVA records to train on.
-        features_index: the features ``index.tsv``.
         init: what the stage starts from: an earlier stage's ``model/`` folder, or the base LLM (hub name or
             local folder) with a new ``mm_projector``.
         output_dir: the stage's folder (``model/``, ``loss.tsv``, ``checkpoints/``, ``tensorboard/``).
+        features_index: the features ``index.tsv`` (a cached stage's visuals).
+        videos: the compressed videos' ``index.tsv`` (``video_id``, ``path``, ``frames``, ``fps``, ``duration``: an
+            online stage's visuals).
     """
 
     train_data: str
-    features_index: str
     init: str
     output_dir: str
+    features_index: str | None = None
+    videos: str | None = None
 
     @property
     def model_dir(self) -> str:
@@ -221,18 +286,24 @@ class StagePaths:
 
     def argv(self) -> list[str]:
         """The command-line options of :func:`add_path_arguments` that give these paths."""
-        return [item for f in fields(self) for item in (f"--{f.name.replace('_', '-')}", getattr(self, f.name))]
+        return [item for f in fields(self) if getattr(self, f.name) is not None
+                for item in (f"--{f.name.replace('_', '-')}", getattr(self, f.name))]
+
+
+PATH_HELP = {"train_data": "the stage's records (JSON)",
+             "init": "an earlier stage's model folder, or the base LLM (hub name or folder)",
+             "output_dir": "the stage's folder (model/, loss.tsv, checkpoints/)",
+             "features_index": "the features index.tsv (vision: cached)",
+             "videos": "the compressed videos' index.tsv (vision: online)"}
 
 
 def add_path_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--train-data --features-index --init --output-dir`` (:class:`StagePaths`, all required), the options
-    of ``pipeline.train.launch`` and of every process it starts (none is a prefix of a ``torchrun`` option,
-    which torchrun's parser would take for its own)."""
-    helps = {"train_data": "the stage's records (JSON)", "features_index": "the features index.tsv",
-             "init": "an earlier stage's model folder, or the base LLM (hub name or folder)",
-             "output_dir": "the stage's folder (model/, loss.tsv, checkpoints/)"}
+    """``--train-data --init --output-dir`` (required) and ``--features-index`` or ``--videos``
+    (:class:`StagePaths`), the options of ``pipeline.train.launch`` and of every process it starts (none is a
+    prefix of a ``torchrun`` option, which torchrun's parser would take for its own)."""
     for f in fields(StagePaths):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=True, help=helps[f.name])
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, required=f.default is MISSING,
+                            help=PATH_HELP[f.name])
 
 
 def paths_from_args(args: argparse.Namespace) -> StagePaths:

@@ -1,7 +1,7 @@
 """Start the processes of a training stage, and say what its SLURM job must ask for.
 
 - one process: ``python -m pipeline.train.stage`` (on the CPU DeepSpeed runs with gloo), given the launcher's
-  ``--config`` and paths (``--train-data --features-index --init --output-dir``);
+  ``--config`` and paths (``--train-data --init --output-dir`` and ``--features-index`` or ``--videos``);
 - several processes on one machine outside SLURM: ``torchrun --standalone --nproc_per_node <n>``;
 - inside a SLURM allocation with several processes: ``srun`` starts one task per GPU (or per CPU process)
   across the job's nodes; each task takes its rank from SLURM (:func:`slurm_rank_env`) and meets the others at
@@ -123,8 +123,8 @@ def slurm_resources(resources: dict) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    """``python -m pipeline.train.launch --config STAGE.yaml --train-data D --features-index I --init I
-    --output-dir O --gpus G --nodes N``: the training rules' command."""
+    """``python -m pipeline.train.launch --config STAGE.yaml --train-data D --init I --output-dir O
+    (--features-index I | --videos V) --gpus G --nodes N``: the training rules' command."""
     parser = cli_parser(__spec__.name, __doc__)
     parser.add_argument("--config", required=True, help="the stage's settings (stage.yaml)")
     add_path_arguments(parser)

@@ -1,13 +1,16 @@
 """Run one training stage with the Hugging Face Trainer (and DeepSpeed when the stage names a config).
 
-``python -m pipeline.train.stage --config results/train/<stage>/stage.yaml --train-data ... --features-index ...
---init ... --output-dir ...`` is what every process of a stage runs (the settings in ``stage.yaml``, the paths
-as the training rule gives them); :mod:`pipeline.train.launch` starts one per GPU (or per CPU process). The stage:
+``python -m pipeline.train.stage --config results/train/<stage>/stage.yaml --train-data ... --init ...
+--output-dir ... --features-index ...`` (or ``--videos ...`` for online vision) is what every process of a stage
+runs (the settings in ``stage.yaml``, the paths as the training rule gives them); :mod:`pipeline.train.launch`
+starts one per GPU (or per CPU process). The stage:
 
-1. builds the model: the base LLM and a new ``mm_projector``, or the previous stage's folder (its adapters
-   merged); then freezes everything and unfreezes what the stage trains (projector, LoRA adapters, or the LLM, and
-   the embeddings of tokens the stage adds);
-2. trains on the records that fit ``max_length`` with their cached features, logging one line per logging step
+1. builds the model: the base LLM and a new connector, or the previous stage's folder (its adapters merged), and
+   for online vision the vision tower (the one an earlier stage trained, else its pretrained weights); then
+   freezes everything and unfreezes what the stage's freeze table trains (tower, connector and the embeddings of
+   tokens the stage adds, LoRA adapters or the LLM), each group at its own learning rate;
+2. trains on the records that fit ``max_length`` with their cached features or, online, their frames decoded by
+   the DataLoader workers (a video that does not decode is skipped and listed), logging one line per logging step
    (step, loss, learning rate, grad norm, tokens per second, peak memory, elapsed, ETA) and the same figures to
    ``loss.tsv`` and ``report_to`` (TensorBoard), checkpointing every ``save_steps`` to ``<output_dir>/checkpoints``
    and resuming from the newest checkpoint made with the same settings and inputs; every ``torch.load`` of the
@@ -33,8 +36,8 @@ from pipeline.train.launch import slurm_rank_env
 
 
 def parser() -> argparse.ArgumentParser:
-    """``python -m pipeline.train.stage --config STAGE.yaml --train-data D --features-index I --init I
-    --output-dir O``: one process of a training stage."""
+    """``python -m pipeline.train.stage --config STAGE.yaml --train-data D --init I --output-dir O
+    (--features-index I | --videos V)``: one process of a training stage."""
     parser = cli_parser(__spec__.name, __doc__)
     parser.add_argument("--config", required=True, help="the stage's settings (stage.yaml)")
     add_path_arguments(parser)

@@ -12,17 +12,21 @@ import shutil
 import signal
 import socket
 import time
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from pipeline.data.dataset import InstructionDataset, VideoCollator, fit_records, visual_rows
+from pipeline.data.dataset import CachedVisuals, InstructionDataset, VideoCollator, fit_records, visual_tokens
+from pipeline.data.instructions import record_kind
 from pipeline.data.templates import VIDEO_WRAP, get_template, video_wrap_ids
 from pipeline.features.store import FeatureStore
 from pipeline.io import atomic_path, publish_dir, read_json, read_yaml, write_json, write_table, write_yaml
 from pipeline.model.checkpoint import (
+    build_stage_tower,
     is_stage_folder,
     llm_source,
     load_stage,
@@ -31,7 +35,8 @@ from pipeline.model.checkpoint import (
     save_trained,
     write_stage_folder,
 )
-from pipeline.model.projector import build_projector, projector_weights
+from pipeline.model.connectors import build_connector
+from pipeline.model.connectors.weights import projector_weights
 from pipeline.model.video_llm import VideoLLM, gathered, load_llm
 from pipeline.train.config import StageConfig, StagePaths
 from pipeline.train.weights_only import restrict_torch_load
@@ -70,39 +75,41 @@ def precision(config: StageConfig) -> tuple[torch.dtype, torch.dtype]:
     return torch.bfloat16, torch.bfloat16 if config.deepspeed else torch.float32
 
 
-def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None, base_vocab: int | None = None
-                ) -> tuple[VideoLLM, dict]:
-    """The stage's model with exactly the stage's parameters trainable, in the dtypes of :func:`precision`, and
-    its stage metadata (:mod:`pipeline.model.checkpoint`, paths absolute).
+def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None, base_vocab: int | None = None,
+                tower: nn.Module | None = None) -> tuple[VideoLLM, dict]:
+    """The stage's model with exactly the stage's parameters trainable (its freeze table), in the dtypes of
+    :func:`precision`, and its stage metadata (:mod:`pipeline.model.checkpoint`, paths absolute).
 
     Args:
-        init: an earlier stage's folder, or the base LLM (hub name or folder) with a new ``mm_projector``.
-        feature_dim: D, the width of the feature rows.
+        init: an earlier stage's folder, or the base LLM (hub name or folder) with a new connector.
+        feature_dim: D, the width of the vision tokens.
         tokenizer, base_vocab: the stage's tokenizer and its size before added tokens; with more tokens than that,
             the model gets (or keeps) an embedding table for them, initialised to the LLM's mean embedding.
+        tower: the vision tower of an online stage (:func:`stage_tower`); None for a cached stage.
 
     Raises:
-        ValueError: the previous stage's projector expects another feature width than ``feature_dim``.
+        ValueError: the previous stage's connector expects another width than ``feature_dim``.
     """
     frozen, trained = precision(config)
     llm_dtype = trained if config.llm_training == "full" else frozen
     if is_stage_folder(init):
-        model, previous = load_stage(init, llm_dtype, mm_dtype=trained)
+        model, previous = load_stage(init, llm_dtype, mm_dtype=trained, tower=False)  # the stage's: stage_tower
         if previous["mm_hidden_size"] != feature_dim:
             raise ValueError(f"{init}: mm_projector takes {previous['mm_hidden_size']}-wide features, "
                              f"the features are {feature_dim} wide")
         meta = {key: previous[key] for key in ("base_llm", "llm", "adapters", "mm_projector_type", "mm_hidden_size",
                                                "hidden_size")}
+        meta["vision_tower_weights"] = previous.get("vision_tower_weights")
     else:
         llm = load_llm(init, llm_dtype)
         hidden = llm.get_input_embeddings().embedding_dim  # the weight may be ZeRO-3 partitioned
-        projector = build_projector(config.mm_projector_type, feature_dim, hidden)
+        projector = build_connector(config.mm_projector_type, feature_dim, hidden)
         if config.mm_projector_init:
             _init_projector(projector, config.mm_projector_init)
         model = VideoLLM(llm, projector.to(trained))
         meta = {"base_llm": str(Path(init).resolve()) if Path(init).exists() else init, "llm": None,
                 "adapters": [], "mm_projector_type": config.mm_projector_type, "mm_hidden_size": feature_dim,
-                "hidden_size": hidden}
+                "hidden_size": hidden, "vision_tower_weights": None}
     added = len(tokenizer) - base_vocab if tokenizer is not None and base_vocab is not None else 0
     if added and (model.extra_embeddings is None or model.extra_embeddings.num_embeddings != added):
         weight = model.llm.get_input_embeddings().weight
@@ -111,10 +118,17 @@ def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None
         model.extra_embeddings = nn.Embedding.from_pretrained(mean.repeat(added, 1).to(trained), freeze=False)
         model.base_vocab = base_vocab
     meta["base_vocab"] = model.base_vocab if model.extra_embeddings is not None else None
+    model.vision_tower = tower
     model.requires_grad_(False)
-    model.mm_projector.requires_grad_(config.train_mm_projector)
+    connector = config.connector_training == "full"
+    model.mm_projector.requires_grad_(connector)
     if model.extra_embeddings is not None:
-        model.extra_embeddings.requires_grad_(config.train_mm_projector)
+        model.extra_embeddings.requires_grad_(connector)
+    if tower is not None:
+        tower.requires_grad_(config.vision_tower_training == "full")
+        tower.to(trained if config.vision_tower_training == "full" else frozen)
+        if config.vision_tower_training == "lora":
+            _tower_lora(tower, config.vision_lora, trained)
     if config.llm_training == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -130,13 +144,96 @@ def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None
         if param.requires_grad and param.dtype != trained:
             param.data = param.data.to(trained)
     meta.update(stage=config.name, llm_training=config.llm_training, template=config.template,
-                video_start_end=config.video_start_end, max_frames=config.max_frames)
+                video_start_end=config.video_start_end, max_frames=config.max_frames,
+                vision_tower_training=config.vision_tower_training, vision=config.vision,
+                vision_lora=asdict(config.vision_lora) if config.vision_tower_training == "lora" else None,
+                vision_tower=config.vision_tower, frames=config.frames, resolution=config.resolution,
+                video_prompt=config.video_prompt)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    log.info("stage %s: %.3f M of %.1f M parameters train (projector %s, LLM %s, added tokens %d), frozen %s, "
-             "trained %s", config.name, trainable / 1e6, total / 1e6, config.train_mm_projector, config.llm_training,
-             added, frozen, trained)
+    log.info("stage %s: %.3f M of %.1f M parameters train (vision tower %s, connector %s, LLM %s, added tokens %d), "
+             "frozen %s, trained %s", config.name, trainable / 1e6, total / 1e6,
+             config.vision_tower_training if tower is not None else "cached", config.connector_training,
+             config.llm_training, added, frozen, trained)
     return model, meta
+
+
+def _tower_lora(tower: nn.Module, lora, dtype: torch.dtype) -> None:
+    """Add trainable LoRA adapters (peft's ``inject_adapter_in_model``) to the tower's linear layers named by
+    ``lora.target_modules``, in ``dtype``.
+
+    Raises:
+        ValueError: a target is not an ``nn.Linear`` (UMT's ``patch_embed.proj`` is a convolution: name
+            ``attn.proj``), or lies in an ``nn.MultiheadAttention``, which reads its projections' weights directly
+            (open_clip), so that adapters there would never train.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    inject_adapter_in_model(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                       target_modules=lora.target_modules), tower)
+    for name, module in tower.named_modules():
+        if isinstance(module, LoraLayer) and not isinstance(module.get_base_layer(), nn.Linear):
+            raise ValueError(f"vision_lora.target_modules: {name} is a {type(module.get_base_layer()).__name__}, "
+                             "not a linear layer (UMT: name attn.proj, not proj, which is also its patch embedding)")
+        if isinstance(module, nn.MultiheadAttention) and any("lora_" in n for n, _ in module.named_parameters()):
+            raise ValueError(f"vision_lora.target_modules: {name} is an nn.MultiheadAttention, which reads its "
+                             "projections' weights directly, so adapters there would never train (open_clip: "
+                             "target mlp.c_fc and mlp.c_proj)")
+    for name, param in tower.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(dtype)
+
+
+def parameter_group(name: str) -> str:
+    """The parameter group of a :class:`VideoLLM` parameter by its name: ``lora`` (any LoRA adapter), ``vision_tower``,
+    ``connector`` (``mm_projector`` and the added tokens' ``extra_embeddings``, which train with it) or ``llm``."""
+    if "lora_" in name:
+        return "lora"
+    if name.startswith("vision_tower."):
+        return "vision_tower"
+    if name.startswith(("mm_projector.", "extra_embeddings.")):
+        return "connector"
+    return "llm"
+
+
+def stage_tower(config: StageConfig, init: str) -> nn.Module:
+    """An online stage's vision tower: the tower an earlier stage trained (its folder's
+    ``vision_tower.safetensors``), else ``config.vision_tower`` with its ``pretrained`` weights, at the stage's
+    ``resolution``; float32 (:func:`build_model` casts it)."""
+    previous = read_stage_config(init) if is_stage_folder(init) else {}
+    return build_stage_tower({"vision_tower": config.vision_tower, "resolution": config.resolution,
+                              "vision_tower_weights": previous.get("vision_tower_weights")})
+
+
+def visual_source(config: StageConfig, paths: StagePaths, tower: nn.Module | None):
+    """The stage's visual source: :class:`CachedVisuals` of ``paths.features_index``, or for an online stage
+    :class:`~pipeline.data.frames.OnlineVisuals` of ``paths.videos`` with ``tower``'s input size and the stage's
+    augmentation.
+
+    Raises:
+        ValueError: the path the stage's vision needs is not given, or a cached stage follows one that trained the
+            tower (the cached features were made by the untrained one).
+    """
+    if config.vision == "cached":
+        if is_stage_folder(paths.init) and read_stage_config(paths.init).get("vision_tower_weights"):
+            raise ValueError(f"stage {config.name}: {paths.init} trained the vision tower, and cached features are "
+                             "the untrained tower's; this stage needs vision: online")
+        if not paths.features_index:
+            raise ValueError(f"stage {config.name}: vision cached needs --features-index")
+        return CachedVisuals(FeatureStore(paths.features_index), config.max_frames)
+    from pipeline.data.frames import OnlineVisuals, TowerGeometry
+    from pipeline.features.encoder import FramePrep
+    from pipeline.video.augment import build_augment
+    from pipeline.video.frames import FrameSampling
+
+    if not paths.videos:
+        raise ValueError(f"stage {config.name}: vision online needs --videos (the compressed videos' index)")
+    frames = dict(config.frames)
+    sampling = FrameSampling(**{("method" if k == "sampling" else k): v for k, v in frames.items()})
+    augment = build_augment(config.augment, tower.image_size[0]) if config.augment != "none" else None
+    prep = FramePrep(tuple(tower.image_size), config.vision_tower.get("resize", "crop"))
+    return OnlineVisuals(paths.videos, sampling, prep, TowerGeometry.of(tower), augment)
 
 
 def _init_projector(projector: nn.Module, source: str) -> None:
@@ -169,11 +266,38 @@ class VideoLLMTrainer(Trainer):
         stage_meta: the stage's metadata (:func:`build_model`).
     """
 
-    def __init__(self, *args, stage_meta: dict, **kwargs):
+    def __init__(self, *args, stage_meta: dict, param_groups: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.stage_meta = stage_meta
+        self.stage_meta, self.param_groups = stage_meta, param_groups or {}
         self._tokens, self._since = 0, time.perf_counter()
         self._masters: dict[str, torch.Tensor] = {}  # trained weights' float32 masters under DeepSpeed bf16
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer (AdamW by default) over one group per parameter group of the stage
+        (:func:`parameter_group`: vision tower, connector, LLM, LoRA) and per decay: each group's learning rate
+        and weight decay from ``param_groups``, no decay on biases and norms (the Trainer's
+        ``get_decay_parameter_names``, as LLaVA-NeXT's ``create_optimizer``). The learning-rate schedule scales
+        every group alike. DeepSpeed uses this optimizer as long as its config names none."""
+        if self.optimizer is not None or not self.param_groups:
+            return super().create_optimizer(model) if model is not None else super().create_optimizer()
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[str, bool], dict] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            group = parameter_group(name)
+            settings = self.param_groups[group]
+            entry = groups.setdefault((group, name in decay), {
+                "params": [], "lr": settings["learning_rate"], "group": group,
+                "weight_decay": settings["weight_decay"] if name in decay else 0.0})
+            entry["params"].append(param)
+        optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(list(groups.values()), **kwargs)
+        for (group, decays), entry in groups.items():
+            log.info("optimizer group %s%s: %d tensors, lr %g, weight decay %g", group, "" if decays else " (no decay)",
+                     len(entry["params"]), entry["lr"], entry["weight_decay"])
+        return self.optimizer
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # this step's tokens, video positions included; summed on the device, read only when logging (no sync)
@@ -320,9 +444,9 @@ def _prepare_distributed(config: StageConfig) -> dict:
 def _stamp(config: StageConfig, paths: StagePaths) -> dict:
     """What a checkpoint must have been made with to be resumed: the settings and the inputs (absolute where they
     are files)."""
-    inputs = {key: os.path.abspath(value) if Path(value).exists() else value
+    inputs = {key: os.path.abspath(value) if value and Path(value).exists() else value
               for key, value in (("train_data", paths.train_data), ("features_index", paths.features_index),
-                                 ("init", paths.init))}
+                                 ("videos", paths.videos), ("init", paths.init))}
     return {"settings": config.to_dict(), "inputs": inputs}
 
 
@@ -347,6 +471,20 @@ def _latest_checkpoint(folder: Path, stamp: dict, clean: bool) -> str | None:
         folder.mkdir(parents=True, exist_ok=True)
         write_yaml(stamp_file, stamp)
     return str(complete[-1]) if complete else None
+
+
+def _skipped(path: Path) -> list[dict]:
+    """The records :class:`InstructionDataset` skipped at training time (``path``, JSON lines), each once."""
+    if not path.exists():
+        return []
+    seen = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            seen.setdefault(entry["id"], entry)
+    if seen:
+        log.warning("%d records skipped at training time, e.g. %s", len(seen), next(iter(seen.values()))["reason"])
+    return list(seen.values())
 
 
 def training_arguments(config: StageConfig, output_dir: Path, extra: dict) -> TrainingArguments:
@@ -401,25 +539,32 @@ def run_stage(config: StageConfig, paths: StagePaths) -> bool:
     records = read_json(paths.train_data)
     if not records:
         raise ValueError(f"{paths.train_data}: no training records")
-    store = FeatureStore(paths.features_index)
     tokenizer, base_vocab = stage_tokenizer(config, paths.init)
     template = get_template(config.template)
     wrap = video_wrap_ids(tokenizer, config.video_start_end)
-    rows = visual_rows(store, records, config.max_frames)  # every visual the records name (none: text only)
-    records, excluded = fit_records(records, tokenizer, template, config.max_length, rows, wrap)
+    tower = stage_tower(config, paths.init) if config.vision == "online" else None
+    source = visual_source(config, paths, tower)
+    model, meta = build_model(config, paths.init, tower.dim if tower is not None else source.dim, tokenizer,
+                              base_vocab, tower)
+    tokens = visual_tokens(source, records, model.mm_projector)  # every visual the records name (none: text only)
+    records, excluded = fit_records(records, tokenizer, template, config.max_length, tokens, wrap, source,
+                                    config.video_prompt)
     if excluded:
         log.warning("stage %s: %d of %d records excluded (listed in model/excluded.jsonl), e.g. %s", config.name,
                     len(excluded), len(records) + len(excluded), excluded[0]["reason"])
     if not records:
         raise ValueError(f"{paths.train_data}: no record fits max_length {config.max_length}")
-    dataset = InstructionDataset(records, tokenizer, template, store, config.max_length, wrap, config.max_frames)
-    model, meta = build_model(config, paths.init, dataset.dim, tokenizer, base_vocab)
+    skipped = out / "skipped.jsonl"  # records whose visuals failed at training time, from the DataLoader workers
+    dataset = InstructionDataset(records, tokenizer, template, source, model.mm_projector, config.max_length, wrap,
+                                 config.video_prompt, skipped)
     args = args or training_arguments(config, checkpoints, extra)
     resume = _latest_checkpoint(checkpoints, _stamp(config, paths), clean=args.process_index == 0)
+    if not resume and args.process_index == 0:
+        skipped.unlink(missing_ok=True)  # a fresh run lists its own
     collator = VideoCollator(tokenizer.pad_token_id, trace=out / "batches.log" if config.trace_batches else None)
     preemption = Preemption()
     trainer = VideoLLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                              data_collator=collator, stage_meta=meta,
+                              data_collator=collator, stage_meta=meta, param_groups=config.param_groups,
                               callbacks=[CheckpointComplete(), preemption, StepLog()])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the steps
     plugin = trainer.accelerator.state.deepspeed_plugin
@@ -440,13 +585,17 @@ def run_stage(config: StageConfig, paths: StagePaths) -> bool:
     if trainer.is_world_process_zero():
         write_stage_folder(tmp, meta, tokenizer)
         write_yaml(tmp / "stage.yaml", config.to_dict())
+        skipped_at_training = _skipped(skipped)
+        excluded += skipped_at_training
         with atomic_path(tmp / "excluded.jsonl") as path:  # the records this stage could not train on, and why
             path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in excluded), encoding="utf-8")
         publish_dir(tmp, final)
         rows = [{key: entry.get(key, "") for key in LOSS_COLUMNS} for entry in trainer.state.log_history
                 if "loss" in entry]
         write_table(out / "loss.tsv", rows, LOSS_COLUMNS)
-        write_json(out / "train_metrics.json", metrics)  # runtime (s), samples and steps per second of this run
+        write_json(out / "train_metrics.json", {  # runtime (s), samples and steps per second; the records
+            **metrics, "records": len(records), "records_by_kind": dict(Counter(map(record_kind, records))),
+            "excluded": len(excluded) - len(skipped_at_training), "skipped_at_training": len(skipped_at_training)})
         shutil.rmtree(checkpoints, ignore_errors=True)
         log.info("stage %s done: %s, %d loss rows", config.name, final, len(rows))
     return True

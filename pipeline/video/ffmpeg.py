@@ -37,6 +37,10 @@ COLUMNS = STATUS_COLUMNS + INFO_COLUMNS
 # Demuxers that turn non-video files into a "video stream": tty renders any text file as ANSI art, image2 and the
 # *_pipe demuxers read still images.
 _NOT_VIDEO_CONTAINERS = {"tty", "image2"}
+# Files with these extensions that libav reads as one picture are still images: one-frame videos of one second
+# (LLaVA's image records train through the same rules, tower and connector as videos).
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+STILL_SECONDS = 1.0
 # An output shorter than this share of what the input promised (minus half a second) is a truncated input.
 TRUNCATION_RATIO = 0.9
 _COPYABLE_CONTAINERS = {".mp4", ".m4v"}
@@ -61,6 +65,7 @@ class VideoInfo:
         audio_codec: the first audio stream's codec name (``""`` without audio).
         video_index, audio_index: the streams' indices in the file (-1: no audio stream).
         pix_fmt: the stream's pixel format (``yuv420p``, ...).
+        still: a still image (one frame, :data:`STILL_SECONDS` long).
     """
 
     duration: float
@@ -74,6 +79,7 @@ class VideoInfo:
     video_index: int
     audio_index: int
     pix_fmt: str
+    still: bool = False
 
     def fields(self) -> dict:
         """The status-table fields (``INFO_COLUMNS``), rounded for reading."""
@@ -135,7 +141,8 @@ def probe(path: str | Path) -> VideoInfo:
     Raises:
         ItemError: the file is missing, empty (``empty file (0 bytes)``), text (``not a video: text, starting
             '...'``, or ``not a video: libav reads it as 'tty'`` where its extension makes libav render it), a still
-            image that ffmpeg would render as video, libav cannot open it (``libav: <its message>``, e.g. ``moov
+            image that ffmpeg would render as video (except a picture named as one, :data:`IMAGE_SUFFIXES`: a
+            one-frame video), libav cannot open it (``libav: <its message>``, e.g. ``moov
             atom not found``), it has no video stream, or no positive duration.
     """
     if not Path(path).is_file():
@@ -150,6 +157,8 @@ def probe(path: str | Path) -> VideoInfo:
     with container:
         name = container.format.name
         if name in _NOT_VIDEO_CONTAINERS or name.endswith("_pipe"):
+            if name != "tty" and Path(path).suffix.lower() in IMAGE_SUFFIXES and container.streams.video:
+                return _still(container, path)
             raise ItemError(f"not a video: libav reads it as '{name}' (text or a still image)")
         # cover art of an audio file is a one-picture "video" stream: not a video
         videos = [s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic]
@@ -177,6 +186,22 @@ def probe(path: str | Path) -> VideoInfo:
             audio_index=audio.index if audio else -1,
             pix_fmt=video.codec_context.pix_fmt or "",
         )
+
+
+def _still(container, path: str | Path) -> VideoInfo:
+    """The :class:`VideoInfo` of a still image, its one frame decoded to check it.
+
+    Raises:
+        ItemError: the picture does not decode.
+    """
+    try:
+        frame = next(container.decode(video=0))
+    except (av.FFmpegError, StopIteration) as exc:
+        raise _unreadable(path, f"image does not decode: {exc}"[:300]) from None
+    codec = container.streams.video[0].codec_context
+    return VideoInfo(duration=STILL_SECONDS, fps=1.0 / STILL_SECONDS, width=frame.width, height=frame.height,
+                     codec=codec.codec.canonical_name, frames=1, has_audio=False, audio_codec="", video_index=0,
+                     audio_index=-1, pix_fmt=frame.format.name, still=True)
 
 
 def run(stream: ffmpeg.nodes.OutputStream, timeout_s: float) -> tuple[int, str]:
@@ -321,7 +346,7 @@ def encode(row: dict, dest: str | Path, encoding: Encoding) -> dict:
                         f"no decodable frame ({exc})") from None
     if out.frames < 1:
         raise ItemError("no decodable frame")
-    if out.duration < TRUNCATION_RATIO * expected - 0.5:
+    if not info.still and out.duration < TRUNCATION_RATIO * expected - 0.5:
         raise ItemError(f"truncated: {out.duration:.2f} s decoded of the {expected:.2f} s the input promises")
     return out.fields()
 

@@ -45,18 +45,43 @@ class FrameSampling:
         if self.num_frames < 1 or self.fps <= 0 or not 1 <= self.min_frames <= self.max_frames:
             raise ValueError(f"features: need num_frames >= 1, fps > 0, 1 <= min_frames <= max_frames ({self})")
 
-    def indices(self, total: int, video_fps: float = 0.0) -> np.ndarray:
+    def indices(self, total: int, video_fps: float = 0.0, multiple: int = 1,
+                rng: np.random.Generator | None = None) -> np.ndarray:
         """Indices of the sampled frames of a video of ``total`` frames at ``video_fps`` frames per second.
+
+        Args:
+            multiple: the count is rounded down to a multiple of this, at least one multiple (a tower that reads
+                clips of frames: UMT-L's 4, as VideoChat-Flash's ``get_frame_indices`` rounds to
+                ``local_num_frames``).
+            rng: with ``midpoints`` (or ``fps``), a random frame inside each segment instead of its middle: the SSv2
+                fork's training-time sampling (SeHwanJoo/LLaVA ``llava/dataset/video_dataset/dataset.py:153-169``,
+                TSN's): segments of ``total // count`` frames from frame 0 (the remainder is never sampled), a
+                uniformly random frame in each; a video shorter than ``count`` frames gets the middles (the fork
+                gives it frame 0 for every segment). None: the middles (VideoMAE's SSv2 test sampling).
 
         Returns:
             ``(T,)`` int64, non-decreasing, in ``[0, total)``; frames repeat when the video is shorter than asked
-            (except ``videochatgpt``, which then takes every frame once).
+            (except ``videochatgpt``, which then takes every frame once). A one-frame video is a still image:
+            ``[0]``, whatever the method.
 
         Raises:
             ValueError: ``total < 1``.
         """
         if total < 1:
             raise ValueError(f"a video needs at least one frame, got total={total}")
+        if total == 1:
+            return np.zeros(1, dtype=np.int64)
+        if multiple > 1 and self.method == "fps":
+            # VideoChat-Flash's dynamic_fps1 (llava-train_videochat/llava/video_utils.py get_frame_indices, lines
+            # 97-164): whole clips of the video's seconds x fps, at most max_frames, at least min_frames; a video
+            # of fewer frames than min_frames gets its whole clips instead
+            seconds = total / video_fps if video_fps > 0 else float(total)
+            count = min(max(multiple, int(seconds * self.fps // multiple) * multiple), self.max_frames)
+            low = self.min_frames if total >= self.min_frames else max(multiple, total // multiple * multiple)
+            return self._segments(total, max(low, count), rng)
+        if multiple > 1:
+            count = len(self.indices(total, video_fps))
+            return self._segments(total, max(multiple, count // multiple * multiple), rng)
         if self.method == "uniform":
             return np.round(np.linspace(0, total - 1, self.num_frames)).astype(np.int64)
         if self.method == "videochatgpt":
@@ -69,10 +94,19 @@ class FrameSampling:
         if self.method == "fps":
             seconds = total / video_fps if video_fps > 0 else float(total)
             count = int(np.clip(round(seconds * self.fps), self.min_frames, self.max_frames))
-        return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64)
+        return self._segments(total, count, rng)
+
+    @staticmethod
+    def _segments(total: int, count: int, rng: np.random.Generator | None) -> np.ndarray:
+        """One frame of each of ``count`` segments of ``total`` frames: the middle, or a random one (``rng``)."""
+        length = total // count
+        if rng is None or length == 0:
+            return np.floor((np.arange(count) + 0.5) * total / count).astype(np.int64)
+        return (np.arange(count) * length + rng.integers(length, size=count)).astype(np.int64)
 
 
-def _read_with_pyav(path: str | Path, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _read_with_pyav(path: str | Path, sampling: FrameSampling, multiple: int = 1,
+                    rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The fallback when decord fails: count the video's packets, then decode it in order with PyAV and keep only
     the sampled frames (memory holds the sampled frames, not the video)."""
     import av
@@ -84,7 +118,7 @@ def _read_with_pyav(path: str | Path, sampling: FrameSampling) -> tuple[np.ndarr
             rate = float(stream.average_rate or 0)
         if total < 1:
             raise ItemError("no decodable frame")
-        indices = sampling.indices(total, rate)
+        indices = sampling.indices(total, rate, multiple, rng)
         wanted = set(indices.tolist())
         kept: dict[int, tuple[np.ndarray, float]] = {}
         with av.open(str(path)) as container:
@@ -104,8 +138,9 @@ def _read_with_pyav(path: str | Path, sampling: FrameSampling) -> tuple[np.ndarr
             np.array([kept[i][1] for i in indices], dtype=np.float32))
 
 
-def read_frames(path: str | Path, sampling: FrameSampling) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode the sampled frames of a video.
+def read_frames(path: str | Path, sampling: FrameSampling, multiple: int = 1,
+                rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode the sampled frames of a video (``multiple``, ``rng``: see :meth:`FrameSampling.indices`).
 
     Returns:
         ``frames`` ``(T, H, W, 3)`` uint8 RGB, ``indices`` ``(T,)`` int64, ``times`` ``(T,)`` float32 seconds (each
@@ -121,10 +156,10 @@ def read_frames(path: str | Path, sampling: FrameSampling) -> tuple[np.ndarray, 
         total = len(reader)
         if total < 1:
             raise ItemError("no decodable frame")
-        indices = sampling.indices(total, reader.get_avg_fps())
+        indices = sampling.indices(total, reader.get_avg_fps(), multiple, rng)
         frames = reader.get_batch(indices.tolist()).asnumpy()
         times = reader.get_frame_timestamp(indices.tolist())[:, 0].astype(np.float32)
     except (decord.DECORDError, RuntimeError) as exc:  # decord raises RuntimeError when it cannot open a file
         log.warning("%s: decord failed (%s), decoding with PyAV", path, str(exc).splitlines()[0][:200])
-        return _read_with_pyav(path, sampling)
+        return _read_with_pyav(path, sampling, multiple, rng)
     return frames, indices, times

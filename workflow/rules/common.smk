@@ -16,8 +16,12 @@ DATASETS = [dataset["name"] for dataset in config["instructions"]["datasets"]]
 EVAL_STAGE = config["evaluate"]["stage"] or STAGES[-1]
 STRICT = str(config["data"]["strict"]).lower()
 SINGLE_PASS = config["compress"]["single_pass"]
+# Whether any stage reads cached features; with online vision only, the features rule has nothing to do, and the
+# instructions join with the first stage's compressed videos instead (VISUAL_INDEX, below).
+CACHED = any(stage["vision"] == "cached" for stage in config["stages"])
 # The per-shard stages in order; single-pass compression reads the downloads and skips transcode.
-DATA_STAGES = ("download", "compress", "features") if SINGLE_PASS else ("download", "transcode", "compress", "features")
+DATA_STAGES = tuple(stage for stage in ("download", "transcode", "compress", "features")
+                    if not (SINGLE_PASS and stage == "transcode") and (CACHED or stage != "features"))
 DEMO_MANIFEST = "resources/demo/manifest.tsv"  # written by rule demo_manifest
 
 if EVAL_STAGE not in STAGES:
@@ -30,6 +34,7 @@ if _missing:
 
 wildcard_constraints:
     shard=r"shard-\d+",
+    compressed=r"compress(_\d+px)?",
     stage="|".join(STAGES),
     dataset="|".join(DATASETS),
 
@@ -83,16 +88,47 @@ def stage_init(name):
     return f"{RESULTS}/train/{init}/model" if init else config["llm"]["name_or_path"]
 
 
+def compressed_folder(size):
+    """Where the videos compressed to a short side of `size` px go: results/compress for compress.size, else
+    results/compress_<size>px."""
+    return "compress" if size in (None, config["compress"]["size"]) else f"compress_{size}px"
+
+
+def compressed_size(folder):
+    """The short side in px of a compressed_folder."""
+    return config["compress"]["size"] if folder == "compress" else int(folder[len("compress_"):-len("px")])
+
+
 def stage_inputs(name):
-    """What a training stage reads besides its stage.yaml: the data, the features index, and the model it starts
-    from when a rule makes it (an earlier stage, or the base LLM converted from a GGUF file). The training rule
-    passes these paths to the stage; nothing else decides them."""
+    """What a training stage reads besides its stage.yaml: the data, its visuals (the features index of a cached
+    stage, the compressed videos' index of an online one, at the size its resolution asks for), and the model it
+    starts from when a rule makes it (an earlier stage, or the base LLM converted from a GGUF file). The training
+    rule passes these paths to the stage; nothing else decides them."""
     made = stage_config(name).get("init") or local_llm()
     return {
         "train": f"{RESULTS}/train/{name}/data.json",
-        "index": f"{RESULTS}/features/index.tsv",
+        **stage_visuals(name),
         **({"init": stage_init(name)} if made else {}),
     }
+
+
+def stage_visuals(name):
+    """Where a stage's visuals come from: {"videos": the compressed videos' index at its resolution} for an online
+    stage, else {"index": the features index}."""
+    stage = stage_config(name)
+    if stage["vision"] == "online":
+        return {"videos": f"{RESULTS}/{compressed_folder(stage['resolution'])}/index.tsv"}
+    return {"index": f"{RESULTS}/features/index.tsv"}
+
+
+# What the instructions join with: the videos that have features, or with online stages only, the first stage's
+# compressed videos.
+VISUAL_INDEX = f"{RESULTS}/features/index.tsv" if CACHED else stage_visuals(STAGES[0])["videos"]
+
+
+def visual_args(input, features_option):
+    """A stage's option for its visuals: --videos INDEX (online) or `features_option` INDEX (cached)."""
+    return ["--videos", input.videos] if "videos" in input.keys() else [features_option, input.index]
 
 
 def local_llm():
@@ -107,7 +143,7 @@ def all_targets(wildcards):
         *expand("resources/raw/{shard}", shard=shard_ids()),
         *expand(f"{RESULTS}/{{stage}}/{{shard}}", stage=[s for s in DATA_STAGES if s in ("transcode", "compress")],
                 shard=shard_ids()),
-        *expand(f"{RESULTS}/features/{{shard}}.h5", shard=shard_ids()),
+        *(expand(f"{RESULTS}/features/{{shard}}.h5", shard=shard_ids()) if CACHED else []),
         *expand(f"{RESULTS}/train/{{stage}}/model", stage=STAGES),
         f"{RESULTS}/eval/metrics.json",
         f"{RESULTS}/report/summary.html",

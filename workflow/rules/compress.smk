@@ -1,15 +1,16 @@
 rule compress:
-    """Every video of a shard to compress.fps frames/s, short side compress.size px, no audio (from the transcoded
-    mp4s, or single-pass from the downloads)."""
+    """Every video of a shard to compress.fps frames/s, short side compress.size px (results/compress), or the
+    size an online stage's resolution asks for (results/compress_<size>px, each size once), no audio (from the
+    transcoded mp4s, or single-pass from the downloads)."""
     input:
         status=f"{RESULTS}/download/{{shard}}.tsv" if SINGLE_PASS else f"{RESULTS}/transcode/{{shard}}.tsv",
         videos="resources/raw/{shard}" if SINGLE_PASS else f"{RESULTS}/transcode/{{shard}}",
     output:
-        status=f"{RESULTS}/compress/{{shard}}.tsv",
-        videos=directory(f"{RESULTS}/compress/{{shard}}"),
+        status=f"{RESULTS}/{{compressed}}/{{shard}}.tsv",
+        videos=directory(f"{RESULTS}/{{compressed}}/{{shard}}"),
     params:
         fps=config["compress"]["fps"],
-        size=config["compress"]["size"],
+        size=lambda wildcards: compressed_size(wildcards.compressed),
         crf=config["compress"]["crf"],
         preset=config["compress"]["preset"],
         timeout=config["data"]["video_timeout"],
@@ -20,9 +21,9 @@ rule compress:
         mem_mb=4000,
         runtime=120,
     log:
-        f"{LOGS}/compress/{{shard}}.log",
+        f"{LOGS}/{{compressed}}/{{shard}}.log",
     benchmark:
-        f"{BENCHMARKS}/compress/{{shard}}.tsv"
+        f"{BENCHMARKS}/{{compressed}}/{{shard}}.tsv"
     conda:
         "../../envs/video.yaml"
     shell:
@@ -30,3 +31,18 @@ rule compress:
         " --status {output.status:q} --fps {params.fps:q} --size {params.size:q} --crf {params.crf:q}"
         " --preset {params.preset:q} --threads {threads} --timeout {params.timeout:q}"
         " --max-decode-errors {params.max_decode_errors:q} --strict {params.strict:q} > {log:q} 2>&1"
+
+
+rule videos_index:
+    """The compressed videos of every shard (video_id, path, frames, fps, duration): what online stages read."""
+    input:
+        lambda wildcards: expand(f"{RESULTS}/{wildcards.compressed}/{{shard}}.tsv", shard=shard_ids()),
+    output:
+        f"{RESULTS}/{{compressed}}/index.tsv",
+    log:
+        f"{LOGS}/{{compressed}}/index.log",
+    localrule: True
+    conda:
+        "../../envs/video.yaml"
+    shell:
+        "python -m pipeline.video.index --out {output:q} {input:q} > {log:q} 2>&1"

@@ -3,12 +3,13 @@ rule evaluate:
     input:
         model=f"{RESULTS}/train/{EVAL_STAGE}/model",
         records=expand(f"{RESULTS}/instructions/{{dataset}}/val.json", dataset=DATASETS),
-        index=f"{RESULTS}/features/index.tsv",
+        **stage_visuals(EVAL_STAGE),
     output:
         metrics=f"{RESULTS}/eval/metrics.json",
         predictions=f"{RESULTS}/eval/predictions.jsonl",
     params:
         out_dir=lambda wildcards, output: Path(output[0]).parent,
+        visual=lambda wildcards, input: visual_args(input, "--index"),
         max_new_tokens=config["evaluate"]["max_new_tokens"],
         batch_size=config["evaluate"]["batch_size"],
     threads: config["evaluate"]["resources"]["cpus"]
@@ -23,6 +24,6 @@ rule evaluate:
     conda:
         "../../envs/train.yaml"
     shell:
-        "python -m pipeline.eval.generate --model {input.model:q} --records {input.records:q} --index {input.index:q}"
+        "python -m pipeline.eval.generate --model {input.model:q} --records {input.records:q} {params.visual:q}"
         " --out-dir {params.out_dir:q} --max-new-tokens {params.max_new_tokens:q} --batch-size {params.batch_size:q}"
         " > {log:q} 2>&1"

@@ -1,9 +1,10 @@
 rule instructions:
-    """One dataset's annotations -> validated LLaVA conversations joined with the features, split into train/val by
-    video; rejected records with their reasons."""
+    """One dataset's annotations -> validated LLaVA conversations joined with the videos that have features (or,
+    when every stage has online vision, that compressed), split into train/val by video; rejected records with
+    their reasons."""
     input:
         annotations=lambda wildcards: dataset_config(wildcards.dataset)["annotations"],
-        index=f"{RESULTS}/features/index.tsv",
+        index=VISUAL_INDEX,
     output:
         train=f"{RESULTS}/instructions/{{dataset}}/train.json",
         val=f"{RESULTS}/instructions/{{dataset}}/val.json",

@@ -55,6 +55,7 @@ for _stage in config["stages"]:
         params:
             # input.init when a rule makes it (an earlier stage, a converted LLM); else a hub name or an existing folder
             init=lambda wildcards, input: input.init if "init" in input.keys() else config["llm"]["name_or_path"],
+            visual=lambda wildcards, input: visual_args(input, "--features-index"),
             output_dir=lambda wildcards, output: str(Path(output.model).parent),
             gpus=_stage["resources"]["gpus"],
             nodes=_stage["resources"]["nodes"],
@@ -70,6 +71,6 @@ for _stage in config["stages"]:
             "../../envs/train.yaml"
         shell:  # exec: SIGTERM (preemption, time limit) reaches the stage, not a shell that would leave it behind
             "exec python -m pipeline.train.launch --config {input.config:q} --train-data {input.train:q}"
-            " --features-index {input.index:q} --init {params.init:q} --output-dir {params.output_dir:q}"
+            " {params.visual:q} --init {params.init:q} --output-dir {params.output_dir:q}"
             " --gpus {params.gpus:q} --nodes {params.nodes:q} --processes {params.processes:q} --cpus {threads:q}"
             " > {log:q} 2>&1"

@@ -1,42 +1,17 @@
-"""The ``mm_projector``: maps video feature rows ``(N, D_vision)`` to LLM embeddings ``(N, D_llm)``."""
+"""Reading the ``mm_projector`` weights of LLaVA-family checkpoints (the connector a first stage starts from)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from torch import nn
-
-PROJECTORS = ("linear", "mlp2x_gelu")
-
-
-def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
-    """An ``mm_projector`` as LLaVA names them (``llava/model/multimodal_projector/builder.py``).
-
-    ``linear``: one ``nn.Linear(in_dim, out_dim)`` (LLaVA-1, Video-ChatGPT). ``mlp2x_gelu``: Linear, GELU,
-    Linear (LLaVA-1.5, VideoChat-Flash, E.T. Chat). Parameter names match LLaVA's checkpoints (``weight``/``bias``;
-    ``0.*`` and ``2.*`` for the MLP).
-
-    Raises:
-        ValueError: unknown ``kind``.
-    """
-    from torch import nn  # here, so that the workflow can read PROJECTORS without importing torch
-
-    if kind == "linear":
-        return nn.Linear(in_dim, out_dim)
-    if kind == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
-    raise ValueError(f"unknown mm_projector type {kind!r}; known: {PROJECTORS}")
-
 
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "mm_projector.safetensors", "mm_projector.bin")
 
 
 def projector_weights(source: str) -> dict:
-    """The ``mm_projector`` weights of a LLaVA-family checkpoint, named as :func:`build_projector` names them.
+    """The ``mm_projector`` weights of a LLaVA-family checkpoint, named as
+    :func:`pipeline.model.connectors.build_connector` names them.
 
     Video-ChatGPT starts from LLaVA-Lightning-7B, whose checkpoint carries LLaVA's image ``mm_projector``
     (``model.mm_projector.weight``/``bias``); its video projector starts from those weights (Video-ChatGPT
