@@ -36,7 +36,8 @@ rule compress:
 rule videos_index:
     """The compressed videos of every shard (video_id, path, frames, fps, duration): what online stages read."""
     input:
-        lambda wildcards: expand(f"{RESULTS}/{wildcards.compressed}/{{shard}}.tsv", shard=shard_ids()),
+        lambda wildcards: expand(f"{RESULTS}/{{compressed}}/{{shard}}.tsv", compressed=wildcards.compressed,
+                                 shard=shard_ids()),
     output:
         f"{RESULTS}/{{compressed}}/index.tsv",
     log:
