@@ -104,3 +104,18 @@ class OnlineVisuals:
     def empty(self) -> torch.Tensor:
         """A text-only sample's ``(0, 3, H, W)`` uint8 pixels."""
         return torch.zeros((0, 3, *self.geometry.size), dtype=torch.uint8)
+
+
+def online_visuals(videos: str | Path, frames: dict, tower, resize: str, augment: str = "none") -> OnlineVisuals:
+    """The :class:`OnlineVisuals` of a stage: its ``frames`` settings (:class:`FrameSampling` fields, ``sampling``
+    naming the method), ``tower``'s input size and geometry, the tower's ``resize`` and the ``augment`` preset of
+    :mod:`pipeline.video.augment` (``none`` at evaluation)."""
+    from pipeline.features.encoder import FramePrep
+
+    sampling = FrameSampling(**{("method" if key == "sampling" else key): value for key, value in frames.items()})
+    prep = FramePrep(tuple(tower.image_size), resize)
+    if augment == "none":
+        return OnlineVisuals(videos, sampling, prep, TowerGeometry.of(tower))
+    from pipeline.video.augment import build_augment
+
+    return OnlineVisuals(videos, sampling, prep, TowerGeometry.of(tower), build_augment(augment, tower.image_size[0]))

@@ -13,6 +13,7 @@ the conversation one message at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -58,6 +59,16 @@ class Template:
     source: str = ""
 
 
+CHATML = Template(
+    name="chatml",
+    system="You are a helpful AI assistant that answers questions about videos.",
+    system_format="<|im_start|>system\n{content}<|im_end|>\n",
+    user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
+    assistant_format="{content}<|im_end|>",
+    assistant_sep="\n",
+    source="ChatML as in the chat templates of SmolLM2-Instruct and Qwen2 (tokenizer_config.json)",
+)
+
 TEMPLATES = {
     t.name: t
     for t in (
@@ -70,22 +81,9 @@ TEMPLATES = {
             source="LLaVA llava/conversation.py conv_llava_plain + train.py preprocess_plain: '<image>' + caption + "
                    "'\\n', the instruction dropped, the caption and its newline trained (E.T. Chat stage 1 too)",
         ),
-        Template(
-            name="chatml",
-            system="You are a helpful AI assistant that answers questions about videos.",
-            system_format="<|im_start|>system\n{content}<|im_end|>\n",
-            user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-            assistant_format="{content}<|im_end|>",
-            assistant_sep="\n",
-            source="ChatML as in the chat templates of SmolLM2-Instruct and Qwen2 (tokenizer_config.json)",
-        ),
-        Template(
-            name="qwen_2",
-            system="You are a helpful assistant.",
-            system_format="<|im_start|>system\n{content}<|im_end|>\n",
-            user_format="<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n",
-            assistant_format="{content}<|im_end|>",
-            assistant_sep="\n",
+        CHATML,
+        dataclasses.replace(
+            CHATML, name="qwen_2", system="You are a helpful assistant.",
             source="VideoChat-Flash llava-train_videochat/llava/train/train.py preprocess_qwen (lines 585-603): "
                    "ChatML, system 'You are a helpful assistant.', no BOS",
         ),

@@ -48,16 +48,11 @@ def stage_source(model, meta: dict, index: str | Path | None, videos: str | Path
     from pipeline.features.store import FeatureStore
 
     if meta.get("vision") == "online":
-        from pipeline.data.frames import OnlineVisuals, TowerGeometry
-        from pipeline.features.encoder import FramePrep
-        from pipeline.video.frames import FrameSampling
+        from pipeline.data.frames import online_visuals
 
         if videos is None:
             raise ValueError(f"stage {meta['stage']} reads frames (vision: online): give the videos' index")
-        tower = model.vision_tower
-        sampling = FrameSampling(**{("method" if k == "sampling" else k): v for k, v in meta["frames"].items()})
-        prep = FramePrep(tuple(tower.image_size), meta["vision_tower"].get("resize", "crop"))
-        return OnlineVisuals(videos, sampling, prep, TowerGeometry.of(tower))
+        return online_visuals(videos, meta["frames"], model.vision_tower, meta["vision_tower"].get("resize", "crop"))
     if index is None:
         raise ValueError(f"stage {meta['stage']} reads cached features: give the features index")
     return CachedVisuals(FeatureStore(index), meta.get("max_frames"))

@@ -222,18 +222,12 @@ def visual_source(config: StageConfig, paths: StagePaths, tower: nn.Module | Non
         if not paths.features_index:
             raise ValueError(f"stage {config.name}: vision cached needs --features-index")
         return CachedVisuals(FeatureStore(paths.features_index), config.max_frames)
-    from pipeline.data.frames import OnlineVisuals, TowerGeometry
-    from pipeline.features.encoder import FramePrep
-    from pipeline.video.augment import build_augment
-    from pipeline.video.frames import FrameSampling
+    from pipeline.data.frames import online_visuals
 
     if not paths.videos:
         raise ValueError(f"stage {config.name}: vision online needs --videos (the compressed videos' index)")
-    frames = dict(config.frames)
-    sampling = FrameSampling(**{("method" if k == "sampling" else k): v for k, v in frames.items()})
-    augment = build_augment(config.augment, tower.image_size[0]) if config.augment != "none" else None
-    prep = FramePrep(tuple(tower.image_size), config.vision_tower.get("resize", "crop"))
-    return OnlineVisuals(paths.videos, sampling, prep, TowerGeometry.of(tower), augment)
+    return online_visuals(paths.videos, config.frames, tower, config.vision_tower.get("resize", "crop"),
+                          config.augment)
 
 
 def _init_projector(projector: nn.Module, source: str) -> None:
