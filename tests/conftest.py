@@ -214,3 +214,33 @@ def run_stage_process(root: Path, config: dict, processes: int = 1, wait: bool =
         return subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
     return subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+
+
+
+def tiny_bert_tokenizer(folder: Path) -> Path:
+    """A BERT WordPiece vocabulary small enough for tiny Q-Formers (``vocab.txt`` in ``folder``, returned):
+    BERT's specials ([PAD] = 0, [UNK], [CLS], [SEP], [MASK]), punctuation, the letters and digits (also as ``##``
+    continuations, so that any lowercase word splits into pieces instead of [UNK]) and a few hundred lowercase words
+    (the test questions', such as "when does the square appear ?"). Loadable by
+    :func:`pipeline.model.qformer.qformer_tokenizer`."""
+    import string
+
+    words = (
+        "the a an and or of to in on at for with by from as is are was were be been it this that these those there "
+        "what when where which who why how does do did can could would should will not no yes all any each every "
+        "some video image frame frames clip scene time times start end begin beginning middle moment second seconds "
+        "minute first last next before after during while until then now again once twice between about around "
+        "square circle box ball object thing color red green blue yellow white black bright dark light "
+        "appear appears appeared show shows shown visible happen happens happened occur occurs event events action "
+        "answer question describe detail details caption summarize explain tell give find locate point watch see "
+        "look person man woman people he she they his her their you your i me my we us our one two three four five "
+        "move moves moving run walk jump sit stand open close take put hold play cut turn left right up down "
+        "here over under into out off through across near far long short big small large new old good "
+        "please provide brief briefly exact exactly number count many much more most less than only also just"
+    ).split()
+    characters = list(string.ascii_lowercase + string.digits)
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *characters,
+              *[f"##{c}" for c in characters], *words]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(dict.fromkeys(pieces)) + "\n", encoding="utf-8")
+    return folder

@@ -50,7 +50,7 @@ def test_the_schemas_enums_are_the_codes():
     assert PROPS["model"]["properties"]["mm_projector_type"]["enum"] == list(PROJECTORS)
     assert STAGE["train"]["properties"]["llm"]["enum"] == list(LLM_TRAINING)
     assert STAGE["train"]["properties"]["vision_tower"]["enum"] == list(TOWER_TRAINING)
-    assert STAGE["train"]["properties"]["connector"]["enum"] == list(CONNECTOR_TRAINING)
+    assert STAGE["train"]["properties"]["connector"]["oneOf"][0]["enum"] == list(CONNECTOR_TRAINING)
     assert STAGE["vision"]["enum"] == list(VISION)
     assert STAGE["augment"]["enum"] == list(AUGMENTATIONS) == list(augment.AUGMENTATIONS)
     assert list(STAGE["param_groups"]["properties"]) == list(PARAM_GROUPS)
@@ -59,7 +59,7 @@ def test_the_schemas_enums_are_the_codes():
     dataset = PROPS["instructions"]["properties"]["datasets"]["items"]["properties"]
     assert dataset["format"]["enum"] == list(FORMATS)
     options = {f.name: f.default for f in dataclasses.fields(Options)}
-    for key in ("root", "labels", "images", "split", "video_placement"):
+    for key in ("root", "labels", "images", "split", "video_placement", "timestamps"):
         assert dataset[key]["default"] == options[key], key
 
 

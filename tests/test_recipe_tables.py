@@ -53,10 +53,21 @@ SOURCES = {
                   "llava/model/llava_arch.py, llava/dataset/video_dataset/dataset.py, llava/train/utils.py, "
                   "scripts/dataset/{webm2mp4,convert2instruct}.py",
     "llava_ssv2_phi": "as llava_ssv2, with configs/experiments/train_phi.yaml and configs/model_args/phi4mini.yaml",
+    "videollama_action": "DAMO-NLP-SG/Video-LLaMA at 64888c0 and the custom fine-tuning guide of ../shared/seeds: "
+                         "G = 001_0dafb0c7450320eb.txt (its visionbranch_stage2_finetune.yaml), "
+                         "VID = video_llama/datasets/datasets/video_instruct_dataset.py, "
+                         "VP = video_llama/processors/video_processor.py, VL = video_llama/models/video_llama.py, "
+                         "OPT = video_llama/common/optims.py, RB = video_llama/runners/runner_base.py, "
+                         "EVA = video_llama/models/eva_vit.py",
+    "etchat": "PolyU-ChenLab/ETBench at 445f620: S1..S3 = scripts/train_stage_{1,2,3}.sh, T = etchat/train/train.py, "
+              "TR = etchat/train/etchat_trainer.py, A = etchat/model/etchat_arch.py, C = etchat/conversation.py, "
+              "TF = etchat/utils/transforms.py, IO = etchat/utils/io.py, "
+              "EV = etchat/model/vision_encoder/eva_vit.py, M = docs/MODEL.md, Z2 = scripts/zero2.json",
 }
 
 TIME_MSG_SHORT = "\nThe video lasts for {duration:.2f} seconds, and {frames} frames are uniformly sampled from it. "
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
 def _videochat_flash_stage(stage, s, lines):
@@ -233,10 +244,181 @@ def _llava_ssv2(experiment: str, model_args: str, llm: str, batch: int) -> list:
     ]
 
 
+VIDEOLLAMA_TIME_MSG = "</Video> The video contains {frames} frames sampled at {times} seconds. "
+VIDEOLLAMA_ACTION = [
+    (None, "llm.name_or_path", "meta-llama/Llama-2-7b-chat-hf", "G:65"),
+    (None, "llm.template", "videollama_llama_2", "G:110 model_type llama_v2, VID:31-39,102-105,263-326"),
+    (None, "model.mm_projector_type", "video_qformer",
+     "VL:153-215,298-321 (frame position, video Q-Former, llama_proj)"),
+    (None, "model.connector.num_query_tokens", 32, "VL:74,188-190,569 num_video_query_token; G:108"),
+    (None, "model.connector.num_hidden_layers", 2, "VL:189-190 (G:76 fusion_head_layers 2)"),
+    (None, "model.connector.max_frame_pos", 32, "G:77, VL:186"),
+    (None, "features.backend", "eva", "VL:49,85-87,541 vit_model eva_clip_g"),
+    (None, "features.model", "eva_vit_g_qformer", "G:56-57 freeze_vit, freeze_qformer; VL:88-118,285-296"),
+    (None, "features.pretrained", "resources/videollama/eva_vit_g.pth", "EVA:429-436"),
+    (None, "features.overrides.qformer.pretrained", "resources/videollama/blip2_pretrained_flant5xxl.pth",
+     "VL:50,110,542 q_former_model"),
+    (None, "features.layer", -2, "EVA:421 depth=39 of the file's 40 blocks (pipeline/vision/eva.py: layer -2)"),
+    (None, "features.resize", "stretch", "VID:84-90, VP:27 (decord height = width = 224: the whole frame)"),
+    (None, "features.sampling", "uniform", "VID:89 sampling uniform, VP:34-35"),
+    (None, "features.num_frames", 8, "G:103 n_frms 8, VID:58"),
+    (None, "features.pooling", "frames", "VL:287-305 (a frame's 32 query tokens, kept per frame)"),
+    (None, "features.spatial_pool", 1, "VL:287-296"),
+    (None, "compress.size", 224, "VID:57,84-88 resize_size 224"),
+    (None, "compress.fps", 30, "VP:27-35 (upstream samples the raw frames; the clips are short, G:170)"),
+    ("finetune", "vision", "cached", "G:56-57 (the ViT and image Q-Former are frozen)"),
+    ("finetune", "vision_tower_training", "frozen", "G:56-57, VL:88-118"),
+    ("finetune", "connector_training", "full",
+     "G:72-73 frozen_llama_proj, frozen_video_Qformer False; VL:166-169,209-215"),
+    ("finetune", "llm_training", "frozen", "VL:147-148"),
+    ("finetune", "lora", None, "VL:147-148 (no adapters)"),
+    ("finetune", "mm_projector_init", "resources/videollama/VL_LLaMA_2_7B_Pretrained.pth", "G:68 ckpt, VL:604-608"),
+    ("finetune", "learning_rate", 3e-5, "G:116 init_lr"),
+    ("finetune", "param_groups.connector.learning_rate", 3e-5, "G:116, RB:114-127 (one learning rate)"),
+    ("finetune", "param_groups.connector.weight_decay", 0.05, "G:120, RB:108-119"),
+    ("finetune", "weight_decay", 0.05, "G:120"),
+    ("finetune", "lr_scheduler", "linear_warmup_cosine", "G:115 linear_warmup_cosine_lr, OPT:56-112"),
+    ("finetune", "warmup_steps", 1000, "G:126, OPT:81-88"),
+    ("finetune", "warmup_start_lr", 1e-6, "G:118 warmup_lr, RB:158, OPT:77"),
+    ("finetune", "min_learning_rate", 1e-5, "G:117 min_lr, OPT:99-105"),
+    ("finetune", "max_steps", 3000, "G:121-122 max_epoch 3 x iters_per_epoch 1000, OPT:80,93"),
+    ("finetune", "batch_size", 4, "G:123 batch_size_train"),
+    ("finetune", "gradient_accumulation_steps", 1, "RB:300-301 accum_grad_iters default 1"),
+    ("finetune", "global_batch", 16, "G:123,138 (4 a GPU, world_size 4)"),
+    ("finetune", "max_length", 512, "VID:216,296 max_length 512 (the 32 placeholders included, VID:185)"),
+    ("finetune", "template", "videollama_llama_2", "G:110, VID:31-39,102-105,263-326"),
+    ("finetune", "video_prompt", VIDEOLLAMA_TIME_MSG, "VID:185, VP:52-55"),
+    ("finetune", "zero_stage", None, "G:139-140,160-163 (torchrun, DistributedDataParallel)"),
+    ("finetune", "bf16", True, "G:131 amp (fp16 autocast upstream, VL:142-145 the LLM in bf16)"),
+    ("finetune", "gradient_checkpointing", False, "VL:142-145 (none on the LLM)"),
+    ("finetune", "seed", 42, "G:128"),
+    ("finetune", "dataloader_workers", 4, "G:125"),
+    ("finetune", "save_steps", 1000, "RB:404-407 (a checkpoint each epoch), G:122"),
+    ("finetune", "logging_steps", 50, "RB:287-289 log_freq 50"),
+    ("finetune", "datasets", ["human_action"], "G:30-46 (the class folders of the Kaggle set)"),
+    ("finetune", "vision_tower.backend", "eva", "VL:85-87"),
+    ("finetune", "vision_tower.model", "eva_vit_g_qformer", "VL:85-118"),
+    ("finetune", "vision_tower.layer", -2, "EVA:421"),
+    ("finetune", "tower.image_size", 224, "G:104 image_size 224, VL:51"),
+    ("finetune", "tower.patches", 32, "G:60 num_query_token 32, VL:101-103,290-296 (32 x 768 a frame)"),
+    ("finetune", "tower.clip_frames", 1, "VL:284 (the frames one by one)"),
+    ("finetune", "tower.mean", CLIP_MEAN, "VP:61-62"),
+    ("finetune", "tokens.video@8", 32, "VL:311-321 (32 video query tokens), VID:185 (32 placeholders)"),
+]
+
+
+def _etchat_stage(stage, s, lines):
+    """Rows every stage of E.T. Chat shares; ``lines`` maps a name to its line in script ``s``."""
+    return [
+        (stage, "vision", "online", "A:109-110 (the tower runs in the step), T:424 (frozen)"),
+        (stage, "vision_tower_training", "frozen", "T:424,471-484 (no tuning mode trains vision_tower); M:55-57"),
+        (stage, "learning_rate", lines["lr_value"], f"{s}:{lines['lr']}"),
+        (stage, "weight_decay", 0.0, f"{s}:{lines['lr'] + 1}"),
+        (stage, "warmup_ratio", 0.03, f"{s}:{lines['lr'] + 2}"),
+        (stage, "lr_scheduler", "cosine", f"{s}:{lines['lr'] + 3}"),
+        (stage, "logging_steps", 1, f"{s}:{lines['lr'] + 4}"),
+        (stage, "max_length", 2048, f"{s}:{lines['lr'] + 5}"),
+        (stage, "gradient_checkpointing", True, f"{s}:{lines['lr'] + 6}"),
+        (stage, "dataloader_workers", 4, f"{s}:{lines['lr'] + 7}"),
+        (stage, "epochs", 1, f"{s}:{lines['bs'] - 1}"),
+        (stage, "batch_size", lines["bs_value"], f"{s}:{lines['bs']}"),
+        (stage, "gradient_accumulation_steps", lines["accum_value"], f"{s}:{lines['bs'] + 1}"),
+        (stage, "global_batch", lines["bs_value"] * lines["accum_value"] * 8,
+         f"{s}:{lines['gpus']} nproc_per_node 8, {s}:{lines['bs']},{lines['bs'] + 1}"),
+        (stage, "save_steps", 500, f"{s}:{lines['save']}"),
+        (stage, "zero_stage", 2, f"{s}:{lines['gpus'] + 1} scripts/zero2.json, Z2:17"),
+        (stage, "frames.sampling", "fps_from_start", "IO:46"),
+        (stage, "frames.fps", 1.0, f"{s}:{lines['fps']} --fps 1"),
+        (stage, "video_prompt", None, f"{s}:{lines['time_tag']} use_time_tag False"),
+        (stage, "vision_tower.backend", "eva", f"{s}:{lines['tower']} eva_vit"),
+        (stage, "vision_tower.model", "eva_vit_g", "EV:410-431"),
+        (stage, "vision_tower.layer", -2, f"{s}:{lines['tower'] + 2} vision_output_layer -2, EV:425"),
+        (stage, "tower.image_size", 224, f"{s}:{lines['tower'] + 1} clip_center_224, EV:415"),
+        (stage, "tower.patches", 256, "EV:415-416,457-458 ((224 / 14)^2), A:112-113 (CLS dropped)"),
+        (stage, "tower.clip_frames", 1, "A:109-110 (frames as images)"),
+        (stage, "tower.mean", CLIP_MEAN, "TF:6"),
+    ]
+
+
+ETCHAT_LORA = [("r", 128, "T:73"), ("alpha", 256, "T:74"), ("dropout", 0.05, "T:75"),
+               ("target_modules", ["qkv_proj", "o_proj"], "T:72 lora_type attention, T:269-270")]
+ETCHAT = [
+    (None, "llm.name_or_path", "microsoft/Phi-3-mini-4k-instruct", "S1:12, M:60"),
+    (None, "llm.template", "phi3", "S2:15, S3:15, C:58-64"),
+    (None, "model.mm_projector_type", "etchat_qformer", "S1:20 mm_projector qformer, A:36-56,135-190"),
+    (None, "model.connector.tokenizer", "bert-base-uncased", "A:39"),
+    (None, "features.backend", "eva", "S1:16 eva_vit"),
+    (None, "features.model", "eva_vit_g", "EV:410-431, S1:19 vision_output_token patch"),
+    (None, "features.pretrained", "resources/etchat/eva_vit_g.pth", "S1:21, M:60,102"),
+    (None, "features.layer", -2, "S1:18, EV:425 (39 of 40 blocks; pipeline/vision/eva.py: layer -2)"),
+    (None, "features.resize", "crop", "S1:17 clip_center_224, TF:26-37,64-73"),
+    (None, "features.sampling", "fps_from_start", "IO:46"),
+    (None, "features.fps", 1.0, "S1:26, S2:27, S3:24"),
+    (None, "features.max_frames", 350, "S2:35, S3:33 max_video_len 350 (1 fps)"),
+    (None, "features.pooling", "frames", "A:182-186 (one token a frame)"),
+    (None, "features.spatial_pool", 1, "A:152-177 (every patch into the Q-Former)"),
+    (None, "compress.fps", 3, "M:72 (3 FPS)"),
+    (None, "compress.size", 224, "M:72 (224ss)"),
+    # stage 1: the aggregator and projector on LLaMA-VID's stage-1 data, plain
+    *_etchat_stage("stage1", "S1", {"lr": 40, "lr_value": 1e-3, "bs": 33, "bs_value": 4, "accum_value": 8,
+                                    "gpus": 10, "save": 38, "fps": 26, "time_tag": 29, "tower": 16}),
+    ("stage1", "connector_training", ["aggregator", "projector"], "S1:27 tuning_mode projector, T:471-473"),
+    ("stage1", "llm_training", "frozen", "T:71 lora_enable False, T:424"),
+    ("stage1", "lora", None, "T:71"),
+    ("stage1", "param_groups.connector.learning_rate", 1e-3, "S1:40, TR:148-155 (no lora_lr: one lr)"),
+    ("stage1", "mm_projector_init", "resources/etchat/instruct_blip_vicuna7b_trimmed.pth",
+     "S1:22 pretrain_qformer, A:70-75, M:60,103"),
+    ("stage1", "matching", None, "S1:28 use_matching False"),
+    ("stage1", "template", "plain", "S1:14, T:90-102"),
+    ("stage1", "min_duration", None, "T:56 min_video_len -1"),
+    ("stage1", "max_duration", None, "T:57 max_video_len -1"),
+    ("stage1", "max_answer_words", None, "T:59 max_num_words -1"),
+    ("stage1", "datasets", ["llava_558k_with_webvid.json"], "S1:23, M:68"),
+    ("stage1", "tokens.video@8", 8, "A:182-186 (one token a frame)"),
+    ("stage1", "tokens.image", 1, "A:182-186"),
+    # stage 2: the whole connector and LoRA on LLaMA-VID's stage-2 data
+    *_etchat_stage("stage2", "S2", {"lr": 44, "lr_value": 2e-5, "bs": 37, "bs_value": 1, "accum_value": 16,
+                                    "gpus": 11, "save": 42, "fps": 27, "time_tag": 32, "tower": 17}),
+    ("stage2", "connector_training", "full", "S2:30 tuning_mode qformer, T:477-479"),
+    ("stage2", "llm_training", "lora", "S2:28 lora_enable, T:431-442"),
+    *[("stage2", f"lora.{key}", value, source) for key, value, source in ETCHAT_LORA],
+    ("stage2", "param_groups.lora.learning_rate", 2e-4, "S2:29 lora_lr, TR:156-172"),
+    ("stage2", "param_groups.connector.learning_rate", 2e-5, "S2:44, TR:158-163"),
+    ("stage2", "param_groups.lora.weight_decay", 0.0, "S2:45, TR:165-171"),
+    ("stage2", "matching", None, "S2:31 use_matching False"),
+    ("stage2", "template", "phi3", "S2:15, C:58-64"),
+    ("stage2", "min_duration", None, "T:56 (no --min_video_len)"),
+    ("stage2", "max_duration", 350, "S2:35, T:293-294, IO:43-44"),
+    ("stage2", "max_answer_words", None, "T:59 (no --max_num_words)"),
+    ("stage2", "datasets", ["llava_v1_5_mix665k_with_video_chatgpt.json"], "S2:22, M:69"),
+    ("stage2", "tokens.video@100", 100, "A:182-186"),
+    # stage 3: the Q-Former's attention, the aggregator, the projector, LoRA and the <vid> matching on E.T. Instruct
+    *_etchat_stage("stage3", "S3", {"lr": 43, "lr_value": 2e-5, "bs": 36, "bs_value": 1, "accum_value": 4,
+                                    "gpus": 11, "save": 41, "fps": 24, "time_tag": 29, "tower": 17}),
+    ("stage3", "connector_training", ["qformer_attention", "queries", "aggregator", "projector"],
+     "S3:27 tuning_mode attention, T:474-476"),
+    ("stage3", "llm_training", "lora", "S3:25 lora_enable, T:431-442"),
+    *[("stage3", f"lora.{key}", value, source) for key, value, source in ETCHAT_LORA],
+    ("stage3", "param_groups.lora.learning_rate", 5e-5, "S3:26 lora_lr, TR:156-172"),
+    ("stage3", "param_groups.connector.learning_rate", 2e-5, "S3:43, TR:158-163"),
+    ("stage3", "param_groups.heads.learning_rate", 2e-5, "S3:43, T:467-469, TR:157-163 (not LoRA: the stage's lr)"),
+    ("stage3", "matching.alpha", 2.0, "S3:31, A:437"),
+    ("stage3", "matching.bidirectional_frames", True, "S3:30 bi_attention, A:84-90"),
+    ("stage3", "template", "phi3", "S3:15, C:58-64"),
+    ("stage3", "min_duration", 5, "S3:32, T:291-292"),
+    ("stage3", "max_duration", 350, "S3:33, T:293-294"),
+    ("stage3", "max_answer_words", 200, "S3:34, T:286-290 (the first answer, split(' '))"),
+    ("stage3", "datasets", ["et_instruct_164k_vid.json"], "S3:22, M:70"),
+    ("stage3", "tokens.video@350", 350, "A:182-186"),
+]
+
+
 TABLES = {
     "videochat_flash": VIDEOCHAT_FLASH,
     "llava_ssv2": _llava_ssv2("train_qwen.yaml", "qwen2.5-1.5b.yaml", "Qwen/Qwen2.5-1.5B-Instruct", 16),
     "llava_ssv2_phi": _llava_ssv2("train_phi.yaml", "phi4mini.yaml", "microsoft/Phi-4-mini-instruct", 8),
+    "videollama_action": VIDEOLLAMA_ACTION,
+    "etchat": ETCHAT,
 }
 # The geometry of the towers the recipes name (input px, patch px): what a tiny stand-in keeps of the real model.
 HF_GEOMETRY = {"openai/clip-vit-large-patch14-336": (336, 14)}
@@ -269,6 +451,9 @@ def tower_of(tmp_path_factory):
             CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              image_size=image_size, patch_size=patch_size).save_pretrained(folder)
             return build_tower(backend, str(folder), None, -1, {}, 0, resolution)
+        if backend == "eva":  # EVA-ViT-G's 224 px in 14 px patches, one block of width 32
+            tiny = {"width": 32, "depth": 1, "heads": 2, **({"qformer": {}} if model == "eva_vit_g_qformer" else {})}
+            return build_tower("eva", model, None, -1, tiny, 0, resolution)
         raise AssertionError(f"no geometry for backend {backend!r}")
 
     return build

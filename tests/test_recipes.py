@@ -1,8 +1,9 @@
 """The recipes of config/recipes: each validates against the workflow schema, names the command that runs it, and
 trains end to end on the CPU, stage after stage, with a tiny random model of its LLM family (Llama, Qwen2, Phi3),
 tiny features of its layout for cached stages and, for online stages (vision in the loop), a tiny tower of its
-backend (UMT, the SSv2 fork's multi-channel CLIP) reading a few short 32 px videos. Their values against the
-originals: tests/test_recipe_tables.py."""
+backend (UMT, the SSv2 fork's multi-channel CLIP, EVA-ViT-G) reading a few short 32 px videos; a Q-Former
+connector shrunk to a tiny BERT (E.T. Chat's with a tiny question vocabulary), and for a stage with matching,
+records whose answers hold <vid> timestamps. Their values against the originals: tests/test_recipe_tables.py."""
 
 import json
 import shutil
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from conftest import REPO, flat_clip, run_stage_process
+from conftest import REPO, flat_clip, run_stage_process, tiny_bert_tokenizer
 from snakemake.utils import validate
 
 from pipeline.eval.generate import evaluate
@@ -34,6 +35,9 @@ TOWER_KEYS = ("backend", "model", "pretrained", "seed", "layer", "overrides")
 TINY_UMT = {"backend": "umt", "model": "umt-l", "pretrained": None, "seed": 0, "layer": -1,
             "overrides": {"dim": 32, "depth": 2, "heads": 2, "image_size": 32, "patch_size": 4,
                           "pretrain_image_size": 32}}
+# EVA-ViT-G of 3 blocks (the recipes' layer -2 keeps 2), width 32, 32 px frames in 8 px patches: 16 a frame
+TINY_EVA = {"width": 32, "depth": 3, "heads": 2, "patch_size": 8, "image_size": 32, "mlp_ratio": 2.0}
+TINY_BERT = {"hidden_size": 8, "num_attention_heads": 2, "intermediate_size": 16, "num_hidden_layers": 2}
 
 
 def _recipe(path: Path) -> dict:
@@ -126,6 +130,9 @@ def _tiny_tower(features: dict, multichannel_dir: Path) -> dict:
     if features["backend"] == "multichannel_clip":
         return {"backend": "multichannel_clip", "model": str(multichannel_dir), "pretrained": None, "seed": 0,
                 "layer": features["layer"], "overrides": {}}
+    if features["backend"] == "eva" and features["model"] == "eva_vit_g":
+        return {"backend": "eva", "model": "eva_vit_g", "pretrained": None, "seed": 0, "layer": features["layer"],
+                "overrides": dict(TINY_EVA)}
     raise AssertionError(f"no tiny tower for backend {features['backend']!r}: add one for its online recipe")
 
 
@@ -147,10 +154,31 @@ def _tiny_features(folder: Path, pooling: str, layout: tuple[int, int] | None = 
     return folder / "index.tsv"
 
 
-def _records(split: str) -> list[dict]:
+def _records(split: str, matching: bool = False) -> list[dict]:
+    """Eight records of the four videos; with ``matching`` their answers name a time as E.T. Chat's <vid>."""
+    if matching:
+        return [{"id": f"{split}{v}_{j}", "video": f"v{v}", "timestamps": {"src": [], "tgt": [float(j)]},
+                 "conversations": [{"from": "human", "value": "<video>\nWhen does it happen?"},
+                                   {"from": "gpt", "value": f"Event {v} at <vid>."}]}
+                for v in range(4) for j in range(2)]
     return [{"id": f"{split}{v}_{j}", "video": f"v{v}", "conversations": [
         {"from": "human", "value": f"<video>\nWhat happens at {j} seconds?"},
         {"from": "gpt", "value": f"Event {v} at {j}.5s."}]} for v in range(4) for j in range(2)]
+
+
+def _tiny_connector(config: dict, folder: Path) -> None:
+    """A Q-Former connector shrunk to a tiny BERT reading the tiny features (E.T. Chat's with a tiny question
+    vocabulary), its released checkpoints not loaded (tests/test_qformer.py loads their key names)."""
+    kind = config["model"]["mm_projector_type"]
+    if kind == "video_qformer":
+        config["model"]["connector"] = {**TINY_BERT, "num_query_tokens": 4, "image_query_tokens": 2}
+    elif kind == "etchat_qformer":
+        config["model"]["connector"] = {**TINY_BERT, "num_query_tokens": 4,
+                                        "tokenizer": str(tiny_bert_tokenizer(folder / "bert"))}
+    else:
+        return
+    for stage in config["stages"]:
+        stage["mm_projector_init"] = None
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
@@ -161,6 +189,7 @@ def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, famil
     config["llm"]["name_or_path"] = str(family_llms[family])
     if config["model"]["mm_projector_init"]:
         config["model"]["mm_projector_init"] = str(family_llms[family])
+    _tiny_connector(config, tmp_path)
     results = tmp_path / "results"
     (results / "features").mkdir(parents=True)
     features = config["features"]
@@ -185,8 +214,11 @@ def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, famil
         if online and settings["frames"].get("sampling") == "fps" and settings["frames"]["min_frames"] > 8:
             # its 64-512 frames stages: still more frames than a 2 s video has at 1 fps, in fewer clips
             settings["frames"] = {**settings["frames"], "min_frames": 8, "max_frames": 16}
-        write_json(settings["train_data"], _records("train"))
+        if settings.get("min_duration"):
+            settings["min_duration"] = 1.0  # E.T. Chat's 5 s lower bound: the tiny videos last 2 s
+        write_json(settings["train_data"], _records("train", bool(settings.get("matching"))))
         settings.update(bf16=False, batch_size=2, gradient_accumulation_steps=1, epochs=1, dataloader_workers=0,
+                        max_steps=None, warmup_steps=None,  # Video-LLaMA counts 3,000 steps, not epochs
                         logging_steps=1, deepspeed=settings["deepspeed"] and str(REPO / settings["deepspeed"]))
         done = run_stage_process(tmp_path, settings)
         assert done.returncode == 0, f"{path.stem} {stage['name']}: {done.stderr[-4000:]}"
@@ -196,7 +228,7 @@ def test_a_recipe_trains_every_stage_end_to_end_on_the_cpu(tmp_path, path, famil
     resolved = resolve_stage(config, config["stages"][-1]["name"])
     assert meta["template"] == resolved["template"]
     assert meta.get("vision", "cached") == resolved.get("vision", "cached")
-    write_json(tmp_path / "val.json", _records("val"))
+    write_json(tmp_path / "val.json", _records("val", bool(resolved.get("matching"))))
     online = resolved.get("vision") == "online"
     metrics = evaluate(last, [tmp_path / "val.json"], None if online else index, tmp_path / "eval", max_new_tokens=4,
                        videos=tiny_videos if online else None)

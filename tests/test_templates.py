@@ -17,6 +17,7 @@ TRAINED = {
     "qwen_2": ["An electric guitar.<|im_end|>", "In a music studio.<|im_end|>"],
     "vicuna_v1": [" An electric guitar.</s>", " In a music studio.</s>"],
     "llama_2": [" An electric guitar. </s>", " In a music studio. </s>"],
+    "videollama_llama_2": [" An electric guitar. </s>", " In a music studio. </s>"],
     "phi3": ["An electric guitar.<|end|>", "In a music studio.<|end|>"],
     "tokenizer": ["An electric guitar.<|im_end|>", "In a music studio.<|im_end|>"],  # SmolLM2's own: ChatML
 }
@@ -68,6 +69,31 @@ def test_plain_drops_the_instruction_and_llama_2_puts_the_system_prompt_in_the_f
     text = tokenizer.decode([t for t in ids if t >= 0])
     assert text.count("<<SYS>>") == 1 and text.index("<<SYS>>") < text.index("What instrument")
     assert "<s>[INST] Where is this? [/INST]" in text
+
+
+class _CharTokenizer:
+    """One id per character (its code point): ids decode back to exactly the text the template rendered."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def _rendered(ids: list[int]) -> str:
+    return "".join("<BOS>" if t == 1 else "<VID>" if t == VIDEO_TOKEN_INDEX else chr(t) for t in ids)
+
+
+def test_videollama_llama_2_renders_video_llamas_fine_tuning_prompt_exactly():
+    # Video-LLaMA's llama_v2_video_conversation (system " ", video_instruct_dataset.py:31-39) through
+    # SeparatorStyle.LLAMA_2 (conversation_video.py:63-84): '<s>' from the tokenizer, then
+    # "[INST] <<SYS>>\n \n<</SYS>>\n\n{q0} [/INST] {a0} </s><s>[INST] {q1} [/INST] {a1} </s>"
+    ids, labels = tokenize_conversation(TWO_TURNS, _CharTokenizer(), get_template("videollama_llama_2"), 2)
+    assert _rendered(ids) == (
+        "<BOS>[INST] <<SYS>>\n \n<</SYS>>\n\n<VID><VID>\nWhat instrument is played? [/INST] An electric guitar. "
+        "</s><s>[INST] Where is this? [/INST] In a music studio. </s>")
+    trained = "".join(chr(t) for t, label in zip(ids, labels) if label != IGNORE_INDEX)
+    assert trained == " An electric guitar. </s> In a music studio. </s>"
 
 
 def test_generation_prompt_ends_with_the_assistant_header(tokenizer):

@@ -356,3 +356,16 @@ def test_report_to_accepts_installed_reporters_only():
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(ValueError, match=r"report_to: 'wandb' is not installed \(pip install wandb\)"):
             StageConfig(name="x", template="chatml", report_to=["wandb"])
+
+
+def test_video_llamas_schedule_warms_up_from_its_start_lr_then_follows_a_cosine_from_step_zero():
+    from pipeline.train.trainer import linear_warmup_cosine
+
+    # visionbranch_stage2_finetune.yaml: init_lr 3e-5, min_lr 1e-5, warmup_lr 1e-6, warmup_steps 1000, 3 x 1000 steps
+    def lr(step):
+        return linear_warmup_cosine(step, 3000, 3e-5, 1000, 1e-6, 1e-5)
+
+    assert lr(0) == pytest.approx(1e-6)
+    assert lr(500) == pytest.approx(1e-6 + 29e-6 * 0.5)  # optims.py:110, halfway through the warmup
+    assert lr(1000) == pytest.approx(1e-5 + 2e-5 * 0.5 * (1 + math.cos(math.pi / 3)))  # 2.5e-5: below the peak
+    assert lr(2999) == pytest.approx(1e-5, rel=1e-5)

@@ -19,6 +19,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -40,6 +41,7 @@ class VisualInfo:
         rows: N, the rows of the visual's tokens.
         sampled: frames sampled from the video.
         duration: the video's length in seconds (0 when unknown).
+        times: each output frame's time in the video, seconds (empty when unknown).
     """
 
     frames: int
@@ -47,6 +49,18 @@ class VisualInfo:
     rows: int
     sampled: int
     duration: float
+    times: tuple[float, ...] = ()
+
+    def frame_at(self, seconds: float) -> int:
+        """The index of the frame nearest to ``seconds``, a tie to the even index: at E.T. Chat's 1 fps from t = 0
+        the frame of ``torch.round(seconds)``, half to even (``etchat_arch.py:247``).
+
+        Raises:
+            ValueError: the frames' times are unknown.
+        """
+        if not self.times:
+            raise ValueError("the frames' times are unknown")
+        return min(range(len(self.times)), key=lambda i: (round(abs(self.times[i] - seconds), 6), i % 2))
 
 
 class CachedVisuals:
@@ -80,8 +94,11 @@ class CachedVisuals:
         layout = self.store.info(video_id)
         per_frame = layout["layout"] == "frames"
         frames = rows // layout["S"] if per_frame else 0
+        times = [float(t) for t in layout["frame_times"]]
+        if per_frame and frames < len(times):  # max_frames kept these, evenly spaced (FeatureStore.get)
+            times = [times[i] for i in np.round(np.linspace(0, len(times) - 1, frames)).astype(int)]
         return VisualInfo(frames, layout["S"], rows, frames if per_frame else layout["T"],
-                          self.durations.get(video_id, 0.0))
+                          self.durations.get(video_id, 0.0), tuple(times) if per_frame else ())
 
     def load(self, video_id: str) -> dict:
         """``{"video_features": (N, D) float16, "layout": (T, S)}`` of ``video_id``."""
@@ -107,15 +124,22 @@ def visual_tokens(source, records: list[dict], connector) -> dict[str, int]:
     return counts
 
 
+def frame_times_text(times: tuple[float, ...]) -> str:
+    """The frames' times as Video-LLaMA writes them in its prompt: ``"0.0, 1.2, 2.5"`` (seconds, one decimal)."""
+    return ", ".join(f"{t:.1f}" for t in times)
+
+
 def with_video_prompt(record: dict, prompt: str | None, infos: list[VisualInfo]) -> list[dict]:
-    """The record's conversation with ``prompt`` (``{duration}`` in seconds, ``{frames}`` sampled) put right
-    after each video's ``<video>`` marker (VideoChat-Flash ``llava/train/train.py`` ``preprocess_multimodal``:
-    ``<image>`` + ``"\\nThe video lasts for 12.34 seconds, and 64 frames are uniformly sampled from it. "``,
-    then the question after its newline). Image records get none, as there."""
+    """The record's conversation with ``prompt`` (``{duration}`` in seconds, ``{frames}`` sampled, ``{times}`` the
+    frames' times, :func:`frame_times_text`) put right after each video's ``<video>`` marker (VideoChat-Flash
+    ``llava/train/train.py`` ``preprocess_multimodal``: ``<image>`` + ``"\\nThe video lasts for 12.34 seconds, and
+    64 frames are uniformly sampled from it. "``, then the question after its newline). Image records get none, as
+    there."""
     turns = record["conversations"]
     if not prompt or record.get("modality") == "image" or not infos:
         return turns
-    texts = iter(prompt.format(duration=info.duration, frames=info.sampled) for info in infos)
+    texts = iter(prompt.format(duration=info.duration, frames=info.sampled, times=frame_times_text(info.times))
+                 for info in infos)
     out = []
     for turn in turns:
         value = turn["value"]
@@ -124,6 +148,41 @@ def with_video_prompt(record: dict, prompt: str | None, infos: list[VisualInfo])
             value = parts[0] + "".join(VIDEO_TOKEN + next(texts) + part for part in parts[1:])
         out.append({**turn, "value": value})
     return out
+
+
+def filter_records(records: list[dict], source, min_duration: float | None = None,
+                   max_duration: float | None = None, max_answer_words: int | None = None
+                   ) -> tuple[list[dict], list[dict]]:
+    """The records a stage's filters keep, and the ones they drop with the reason (E.T. Chat
+    ``etchat/train/train.py:284-295``: a record whose video lasts less than ``min_duration`` or more than
+    ``max_duration`` seconds, or whose first answer has more than ``max_answer_words`` words, ``split(' ')``).
+
+    The duration is the record's ``duration`` (the annotation's, as there), else its video's (``source.info``);
+    a record with neither (text only) is not filtered by duration.
+
+    Returns:
+        ``(kept, excluded)``; an excluded record is ``{"id", "video", "reason"}``.
+    """
+    kept, excluded = [], []
+    for record in records:
+        names = visuals(record)
+        duration = record.get("duration")
+        if duration is None and names and names[0] in source:
+            duration = source.info(names[0]).duration or None
+        answers = [turn["value"] for turn in record["conversations"] if turn["from"] == "gpt"]
+        words = len(answers[0].split(" ")) if answers else 0
+        reason = None
+        if duration is not None and min_duration is not None and duration < min_duration:
+            reason = f"duration: the video lasts {duration} s, less than min_duration {min_duration} s"
+        elif duration is not None and max_duration is not None and duration > max_duration:
+            reason = f"duration: the video lasts {duration} s, more than max_duration {max_duration} s"
+        elif max_answer_words is not None and words > max_answer_words:
+            reason = f"conversations: the first answer has {words} words, more than max_answer_words {max_answer_words}"
+        if reason:
+            excluded.append({"id": record["id"], "video": record.get("video"), "reason": reason})
+        else:
+            kept.append(record)
+    return kept, excluded
 
 
 def fit_records(records: list[dict], tokenizer, template: Template, max_length: int,
@@ -194,14 +253,21 @@ class InstructionDataset(Dataset):
         video_wrap: see :func:`tokenize_conversation`.
         video_prompt: see :func:`with_video_prompt`.
         skipped: where skipped records are listed; None: not listed.
+        query_tokenizer: a question-conditioned connector's tokenizer
+            (:func:`pipeline.model.qformer.qformer_tokenizer`): each item gets ``query_ids``, the record's first
+            question (its ``<video>`` marker removed, as E.T. Chat ``etchat/train/train.py:93``) once per visual.
+        match_token_id: with matching, the id of ``<vid>``: each item gets ``vid_frames`` ``(M,)`` int64, the
+            frame nearest to the time of each ``<vid>`` of ``input_ids`` (the record's ``timestamps``: ``src`` in
+            the questions', ``tgt`` in the answers', in order).
     """
 
     def __init__(self, records: list[dict] | str | Path, tokenizer, template: Template, source, connector,
                  max_length: int, video_wrap: tuple[int, int] | None = None, video_prompt: str | None = None,
-                 skipped: str | Path | None = None):
+                 skipped: str | Path | None = None, query_tokenizer=None, match_token_id: int | None = None):
         self.records = read_json(records) if isinstance(records, (str, Path)) else records
         self.tokenizer, self.template, self.source, self.max_length = tokenizer, template, source, max_length
         self.connector, self.video_wrap, self.video_prompt, self.skipped = connector, video_wrap, video_prompt, skipped
+        self.query_tokenizer, self.match_token_id = query_tokenizer, match_token_id
 
     def __len__(self) -> int:
         return len(self.records)
@@ -231,7 +297,7 @@ class InstructionDataset(Dataset):
         """
         names = visuals(record)
         loaded = [self.source.load(video) for video in names]
-        infos = [self.source.info(video) for video in names] if self.video_prompt else []
+        infos = [self.source.info(video) for video in names] if self.video_prompt or self.match_token_id else []
         layouts = [item["layout"] for item in loaded]
         rows = [self.connector.num_tokens(t, s, t * s if t else self._rows(item)) for item, (t, s)
                 in zip(loaded, layouts)]
@@ -243,6 +309,10 @@ class InstructionDataset(Dataset):
                             "than its probe said)")
         sample = {"id": record["id"], "input_ids": torch.tensor(ids, dtype=torch.long),
                   "labels": torch.tensor(labels, dtype=torch.long), "layouts": layouts}
+        if self.query_tokenizer is not None:
+            sample["query_ids"] = [self._query(record)] * len(names)
+        if self.match_token_id is not None:
+            sample["vid_frames"] = self._vid_frames(record, sample["input_ids"], infos, for_generation)
         if isinstance(self.source, CachedVisuals):
             parts = [item["video_features"] for item in loaded]
             sample["video_features"] = torch.cat(parts) if parts else torch.zeros((0, self.source.dim),
@@ -256,6 +326,43 @@ class InstructionDataset(Dataset):
     @staticmethod
     def _rows(item: dict) -> int:
         return len(item["video_features"])
+
+    def _query(self, record: dict) -> list[int]:
+        from pipeline.model.qformer import QUERY_MAX_LENGTH
+
+        question = record["conversations"][0]["value"].replace(VIDEO_TOKEN, "").strip()
+        return self.query_tokenizer(question, truncation=True, max_length=QUERY_MAX_LENGTH)["input_ids"]
+
+    def _vid_frames(self, record: dict, input_ids: torch.Tensor, infos: list[VisualInfo],
+                    for_generation: bool) -> torch.Tensor:
+        """The frame of each ``<vid>`` of ``input_ids``, in order.
+
+        Raises:
+            ItemError: the ``<vid>`` tokens and the record's timestamps do not pair up, or the frames' times are
+                unknown.
+        """
+        from pipeline.model.matching import MATCH_TOKEN
+
+        turns = record["conversations"][:-1] if for_generation and record["conversations"][-1]["from"] == "gpt" \
+            else record["conversations"]
+        stamps = record.get("timestamps") or {}
+        queues = {"human": list(stamps.get("src") or []), "gpt": list(stamps.get("tgt") or [])}
+        seconds = []
+        for i, turn in enumerate(turns):
+            count = turn["value"].count(MATCH_TOKEN)
+            if count > len(queues[turn["from"]]):
+                raise ItemError(f"{record['id']}: conversations[{i}] has more {MATCH_TOKEN} than timestamps")
+            seconds += queues[turn["from"]][:count]
+            del queues[turn["from"]][:count]
+        found = int((input_ids == self.match_token_id).sum())
+        if found != len(seconds):
+            raise ItemError(f"{record['id']}: {found} {MATCH_TOKEN} tokens in its ids, {len(seconds)} in its text")
+        if seconds and (not infos or not infos[0].times):
+            raise ItemError(f"{record['id']}: {MATCH_TOKEN} timestamps need the frames' times of its video")
+        try:
+            return torch.tensor([infos[0].frame_at(t) for t in seconds], dtype=torch.long)
+        except ValueError as exc:
+            raise ItemError(f"{record['id']}: {exc}") from exc
 
 
 class VideoCollator:
@@ -286,6 +393,16 @@ class VideoCollator:
         layouts = [layout for item in batch for layout in item["layouts"]]
         out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                "visual_layout": torch.tensor(layouts, dtype=torch.long).reshape(-1, 2)}
+        if "query_ids" in batch[0]:  # one question per visual, padded on the right with 0 ([PAD])
+            queries = [ids for item in batch for ids in item["query_ids"]]
+            width = max(map(len, queries), default=0)
+            out["query_input_ids"] = torch.zeros((len(queries), width), dtype=torch.long)
+            out["query_attention_mask"] = torch.zeros((len(queries), width), dtype=torch.long)
+            for i, ids in enumerate(queries):
+                out["query_input_ids"][i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                out["query_attention_mask"][i, :len(ids)] = 1
+        if "vid_frames" in batch[0]:
+            out["vid_frames"] = torch.cat([item["vid_frames"] for item in batch])
         if "pixel_values" in batch[0]:
             out["pixel_values"] = torch.cat([item["pixel_values"] for item in batch])
             out["visual_frames"] = torch.tensor([t for item in batch for t in item["frames"]], dtype=torch.long)

@@ -68,6 +68,8 @@ class Options:
         video_placement: videochatgpt_qa: ``alternate`` (Video-ChatGPT's converter: after the question for even
             entries, before it for odd ones), ``before`` or ``after``.
         seed: seed of the class_folders question phrasing.
+        timestamps: etchat's ``<vid>`` files: ``text`` (the timestamps written into the text) or ``tokens`` (the
+            ``<vid>`` tokens kept, with their seconds in the record's ``timestamps``: stages with ``matching``).
     """
 
     root: str | None = None
@@ -76,6 +78,7 @@ class Options:
     split: str | None = None
     video_placement: str = "alternate"
     seed: int = 0
+    timestamps: str = "text"
 
 
 @dataclass
@@ -681,7 +684,8 @@ def etchat(source: Path, options: Options) -> Iterator[Converted]:
 
     - ``et_instruct_164k_vid.json``: every timestamp in the text is a ``<vid>`` token and its value in seconds is
       in ``src`` (human turns) or ``tgt`` (gpt turns), in order; they are written into the text as E.T. Chat writes
-      them (:func:`render_timestamp`). A count of ``<vid>`` that does not match ``src`` + ``tgt`` is rejected.
+      them (:func:`render_timestamp`), or kept as tokens (``Options.timestamps`` ``tokens``: the matching head's
+      input). A count of ``<vid>`` that does not match ``src`` + ``tgt`` is rejected.
     - ``et_instruct_164k_txt.json`` (for models that write timestamps as text, ``2.5 - 4.8 seconds``): the text
       already holds the timestamps and is kept as it is.
 
@@ -716,7 +720,8 @@ def etchat(source: Path, options: Options) -> Iterator[Converted]:
                 used[name] += count
             if used["src"] < len(src) or used["tgt"] < len(tgt):
                 raise EntryError("invalid entry", f"src/tgt: more timestamps than {MATCH_TOKEN} tokens")
-            turns = rendered
+            if options.timestamps == "text":
+                turns = rendered
         else:
             _check_text_segments(turns)
         return {"id": f"{entry.get('source', 'et')}_{index}", "video": video_reference(entry["video"], options.root),

@@ -82,10 +82,12 @@ class OnlineVisuals:
         """
         row = self.rows[video_id]
         total = max(1, int(float(row["frames"] or 1)))
-        sampled = len(self.sampling.indices(total, float(row["fps"] or 0), self.geometry.clip_frames))
-        frames = self.geometry.out_frames(sampled)
-        return VisualInfo(frames, self.geometry.patches, frames * self.geometry.patches, sampled,
-                          float(row["duration"] or 0))
+        fps = float(row["fps"] or 0)
+        indices = self.sampling.indices(total, fps, self.geometry.clip_frames)
+        frames = self.geometry.out_frames(len(indices))
+        times = tuple(float(i) / fps for i in indices) if fps and frames == len(indices) else ()
+        return VisualInfo(frames, self.geometry.patches, frames * self.geometry.patches, len(indices),
+                          float(row["duration"] or 0), times)
 
     def load(self, video_id: str) -> dict:
         """``{"pixel_values": (T, 3, H, W) uint8, "layout": (T', S)}`` of ``video_id``.

@@ -7,8 +7,8 @@ assistant's answers and their end-of-turn marker are trained; the system prompt,
 headers, the video positions and the padding carry ``IGNORE_INDEX``.
 
 The formats follow the systems they come from (LLaVA ``llava/conversation.py``, E.T. Chat
-``etchat/conversation.py``); ``tokenizer`` uses the tokenizer's own chat template, cut into pieces by rendering
-the conversation one message at a time.
+``etchat/conversation.py``, Video-LLaMA ``video_llama/conversation/conversation_video.py``); ``tokenizer`` uses the
+tokenizer's own chat template, cut into pieces by rendering the conversation one message at a time.
 """
 
 from __future__ import annotations
@@ -110,6 +110,18 @@ TEMPLATES = {
             assistant_format=" {content} </s>",
             bos=True,
             source="LLaVA llava/conversation.py conv_llava_llama_2 (Video-LLaMA's llama_v2: Llama-2-chat)",
+        ),
+        Template(
+            name="videollama_llama_2",
+            system=" ",
+            first_user_format="[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{content} [/INST]",
+            user_format="<s>[INST] {content} [/INST]",
+            assistant_format=" {content} </s>",
+            bos=True,
+            source="Video-LLaMA video_llama/datasets/datasets/video_instruct_dataset.py llama_v2_video_conversation "
+                   "(lines 31-39: system ' ', sep '<s>', sep2 '</s>') as conversation_video.py SeparatorStyle.LLAMA_2 "
+                   "renders it (lines 63-84) and preprocess_for_llama_v2 masks it (lines 263-326): the fine-tuning "
+                   "format of model_type llama_v2 (Llama-2-chat)",
         ),
         Template(
             name="phi3",

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.cli import parser as cli_parser
 from pipeline.cli import run
+from pipeline.data.formats import visuals
 from pipeline.data.templates import get_template, video_wrap_ids
 from pipeline.eval.metrics import score
 from pipeline.io import atomic_path, read_json, write_json
@@ -34,6 +35,26 @@ def left_pad(prompts: list[list[int]], pad_id: int):
         ids[i, length - len(prompt):] = torch.tensor(prompt)
         mask[i, length - len(prompt):] = 1
     return ids, mask
+
+
+def decode_answer(tokenizer, tokens: list[int], matched: list[int] | None = None, times: tuple[float, ...] = (),
+                  token_id: int | None = None) -> str:
+    """The text of generated ``tokens``; with matching, each ``<vid>`` (``token_id``) becomes the time in seconds
+    of the frame it matched (``matched``, in order; ``times``: each frame's time), one decimal, as E.T. Chat's
+    ``detokenize`` writes the matched index at its 1 fps from t = 0 (``etchat/utils/tokenization.py:29-45``)."""
+    if token_id is None or not matched:
+        return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    pieces, run, frames = [], [], iter(matched)
+    for token in tokens:
+        if token == token_id:
+            frame = next(frames)
+            pieces += [tokenizer.decode(run, skip_special_tokens=True),
+                       f"{round(times[frame], 1) if frame < len(times) else frame}"]
+            run = []
+        else:
+            run.append(token)
+    pieces.append(tokenizer.decode(run, skip_special_tokens=True))
+    return "".join(pieces).strip()
 
 
 def stage_source(model, meta: dict, index: str | Path | None, videos: str | Path | None):
@@ -74,7 +95,7 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
     from transformers import AutoTokenizer
 
     from pipeline.data.dataset import InstructionDataset, VideoCollator
-    from pipeline.model.checkpoint import load_stage
+    from pipeline.model.checkpoint import load_stage, stage_query_tokenizer
 
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,8 +106,10 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     template = get_template(meta["template"])
     source = stage_source(model, meta, index, videos)
+    match_id = meta["matching"]["token_id"] if meta.get("matching") else None
+    query = stage_query_tokenizer(model.mm_projector, meta.get("connector") or {}, model_dir)
     samples = InstructionDataset([], tokenizer, template, source, model.mm_projector, 10**9, wrap,
-                                 meta.get("video_prompt"))
+                                 meta.get("video_prompt"), query_tokenizer=query, match_token_id=match_id)
     records = [record for path in records_paths for record in read_json(path)]
     predictions = []
     for first in range(0, len(records), batch_size):
@@ -94,17 +117,21 @@ def evaluate(model_dir: str | Path, records_paths: list[str | Path], index: str 
         loaded = [samples.item(r, for_generation=True) for r in batch]
         ids, mask = left_pad([item["input_ids"].tolist() for item in loaded], pad_id)
         visual = {key: value.to(device) for key, value in VideoCollator(pad_id)(loaded).items()
-                  if key in ("video_features", "visual_layout", "pixel_values", "visual_frames")}
+                  if key in ("video_features", "visual_layout", "pixel_values", "visual_frames", "query_input_ids",
+                             "query_attention_mask", "vid_frames")}
         out = model.generate(ids.to(device), mask.to(device), **visual, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id)
-        for record, tokens in zip(batch, out):
+        out, matched = out if match_id is not None else (out, [None] * len(batch))
+        for record, tokens, frames in zip(batch, out, matched):
+            names = visuals(record)
+            times = source.info(names[0]).times if frames and names else ()
             answered = not record.get("unanswered")  # an unanswered record ends with its question
             predictions.append({
                 "id": record["id"], "video": record.get("video"),
                 **({"videos": record["videos"]} if "videos" in record else {}),
                 "question": record["conversations"][-2 if answered else -1]["value"],
                 "reference": record["conversations"][-1]["value"] if answered else None,
-                "prediction": tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                "prediction": decode_answer(tokenizer, tokens.tolist(), frames, times, match_id),
             })
         log.info("generated %d/%d", len(predictions), len(records))
     metrics = {**score([(p["prediction"], p["reference"]) for p in predictions if p["reference"] is not None]),

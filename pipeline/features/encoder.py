@@ -28,18 +28,22 @@ class EncoderConfig:
 
     Attributes:
         backend: one of :data:`pipeline.vision.BACKENDS`: ``open_clip``, ``hf_clip``
-            (``transformers.CLIPVisionModel``), ``multichannel_clip`` (the SSv2 fork's) or ``umt`` (UMT-L).
+            (``transformers.CLIPVisionModel``), ``multichannel_clip`` (the SSv2 fork's), ``umt`` (UMT-L) or ``eva``
+            (EVA-ViT-G).
         model: open_clip architecture name (``ViT-L-14``); for ``hf_clip`` and ``multichannel_clip`` a hub name or
-            local folder (``openai/clip-vit-large-patch14``); for ``umt`` ``umt-l`` or ``umt-hd-large``.
+            local folder (``openai/clip-vit-large-patch14``); for ``umt`` ``umt-l`` or ``umt-hd-large``; for ``eva``
+            ``eva_vit_g`` (patch tokens) or ``eva_vit_g_qformer`` (BLIP-2's image Q-Former's 32 tokens a frame).
         pretrained: open_clip: a pretrained tag (``openai``) or a local checkpoint file; ``umt``: the released
-            ``UMT-L_f4_vision.pt``. ``None`` (every backend) builds the architecture with random weights drawn
-            from ``seed`` (the offline demo and tests; for ``hf_clip`` the architecture is the config at ``model``).
+            ``UMT-L_f4_vision.pt``; ``eva``: ``eva_vit_g.pth``. ``None`` (every backend) builds the architecture
+            with random weights drawn from ``seed`` (the offline demo and tests; for ``hf_clip`` the architecture is
+            the config at ``model``).
         seed: seed of the random weights when ``pretrained`` is ``None``.
         layer: which transformer block's output is taken, counted from the end (``-1``: the last, ``-2``: the
             penultimate, as ``hidden_states[-2]``); the blocks after it are pruned and never run.
         overrides: keyword arguments merged into the architecture's config (open_clip:
             ``{"vision_cfg": {"layers": 2}}``; ``hf_clip``: ``CLIPVisionConfig`` fields; ``umt``: ``UMTConfig``
-            fields).
+            fields; ``eva``: ``EVAConfig`` fields, and ``qformer`` for ``eva_vit_g_qformer``: its ``pretrained``
+            BLIP-2 checkpoint).
         resize: ``crop`` (short side to the tower's size, bicubic with antialiasing, centre crop: open_clip and
             CLIP's own preprocessing, aspect ratio kept) or ``stretch`` (Video-ChatGPT: nearest-neighbour resize of
             the whole frame to the tower's size, aspect ratio not kept).

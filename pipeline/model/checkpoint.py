@@ -11,10 +11,13 @@ A stage's ``model/`` folder holds
   ``vision_tower_weights`` (``"vision_tower.safetensors"`` once a stage has trained the tower, else null: the
   tower is its ``pretrained`` weights), and the stage's ``stage``, ``llm_training``, ``template``,
   ``video_start_end``, ``max_frames``, ``vision`` (cached or online), ``frames``, ``resolution`` and
-  ``video_prompt``;
+  ``video_prompt``, ``connector`` (the connector's own settings) and ``matching`` (``alpha``,
+  ``bidirectional_frames``, ``token_id`` of ``<vid>``; null without);
 - the tokenizer's files (``tokenizer.json``, ``tokenizer_config.json``, ...), so that
   ``AutoTokenizer.from_pretrained(folder)`` gives the stage's tokenizer, added tokens included;
 - ``mm_projector.safetensors`` and, when tokens were added, ``extra_embeddings.safetensors`` (float32);
+  ``matching.safetensors`` (float32) with matching; ``qformer_tokenizer/`` for a question-conditioned connector
+  (E.T. Chat's Q-Former reads the question in BERT's vocabulary);
 - ``vision_tower.safetensors`` (float32) when this stage or an earlier one trained the tower: written by the stage
   that trained it, hard-linked into every later stage's folder, and what the next stage's tower starts from;
 - ``adapters/<i>_<stage>/`` (``adapter_config.json``, ``adapter_model.safetensors``): the LoRA adapter of every
@@ -45,6 +48,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from pipeline.io import follow_umask, read_json, write_json
 from pipeline.model.connectors import build_connector
+from pipeline.model.matching import MatchingHead
 from pipeline.model.video_llm import VideoLLM, load_llm
 
 CONFIG = "config.json"
@@ -55,6 +59,8 @@ ADAPTERS = "adapters"
 ADAPTER_FILE = "adapter_model.safetensors"
 LLM_DIR = "llm"
 TOWER_FILE = "vision_tower.safetensors"
+MATCH_FILE = "matching.safetensors"
+QUERY_TOKENIZER_DIR = "qformer_tokenizer"
 
 
 class VideoLLMConfig(PretrainedConfig):
@@ -112,6 +118,31 @@ def build_stage_tower(meta: dict, dtype: torch.dtype = torch.float32):
     return tower.to(dtype)
 
 
+def stage_query_tokenizer(connector: nn.Module, settings: dict, folder: str | os.PathLike | None = None):
+    """The question tokenizer of a question-conditioned connector (``needs_query``): the stage folder's
+    ``qformer_tokenizer/`` when ``folder`` is a stage folder that has one, else ``settings["tokenizer"]``
+    (default ``bert-base-uncased``, E.T. Chat ``etchat_arch.py:39``); None for other connectors."""
+    if not getattr(connector, "needs_query", False):
+        return None
+    from pipeline.model.qformer import qformer_tokenizer
+
+    saved = Path(folder) / QUERY_TOKENIZER_DIR if folder is not None else None
+    if saved is not None and is_stage_folder(folder) and saved.is_dir():
+        return qformer_tokenizer(str(saved))
+    return qformer_tokenizer(settings.get("tokenizer", "bert-base-uncased"))
+
+
+def _matching(meta: dict, dtype: torch.dtype, folder: Path | None = None) -> MatchingHead | None:
+    """The stage's matching head (its weights from ``folder``), or None."""
+    if not meta.get("matching"):
+        return None
+    settings = meta["matching"]
+    head = MatchingHead(meta["hidden_size"], settings["token_id"], settings["alpha"], settings["bidirectional_frames"])
+    if folder is not None:
+        head.load_state_dict(safetensors.torch.load_file(folder / MATCH_FILE))
+    return head.to(dtype)
+
+
 def own_adapter(meta: dict) -> str:
     """Where the adapter a LoRA stage trains goes, relative to its folder: after the adapters it inherits."""
     return f"{ADAPTERS}/{len(meta['adapters'])}_{meta['stage']}"
@@ -146,14 +177,19 @@ def load_stage(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     meta = read_stage_config(folder)
     mm_dtype = mm_dtype or dtype
     llm = load_llm(llm_source(meta), dtype, meta["adapters"])
-    projector = build_connector(meta["mm_projector_type"], meta["mm_hidden_size"], meta["hidden_size"])
+    settings = dict(meta.get("connector") or {})
+    if "tokenizer" in settings and (folder / QUERY_TOKENIZER_DIR).is_dir():  # the copy in the folder, not the source
+        settings["tokenizer"] = str(folder / QUERY_TOKENIZER_DIR)
+    projector = build_connector(meta["mm_projector_type"], meta["mm_hidden_size"], meta["hidden_size"],
+                                settings)
     projector.load_state_dict(safetensors.torch.load_file(folder / PROJECTOR_FILE))
     extra = None
     if meta["base_vocab"] is not None:
         weight = safetensors.torch.load_file(folder / EXTRA_FILE)["weight"]
         extra = nn.Embedding.from_pretrained(weight.to(mm_dtype), freeze=False)
     vision = build_stage_tower(meta, mm_dtype) if tower and meta.get("vision") == "online" else None
-    return VideoLLM(llm, projector.to(mm_dtype), extra, meta["base_vocab"], vision).eval(), meta
+    return VideoLLM(llm, projector.to(mm_dtype), extra, meta["base_vocab"], vision,
+                    _matching(meta, mm_dtype, folder)).eval(), meta
 
 
 def save_trained(model: VideoLLM, folder: str | os.PathLike, meta: dict, state_dict: dict | None = None) -> None:
@@ -179,6 +215,8 @@ def save_trained(model: VideoLLM, folder: str | os.PathLike, meta: dict, state_d
     safetensors.torch.save_file(part("mm_projector."), folder / PROJECTOR_FILE)
     if meta["base_vocab"] is not None:
         safetensors.torch.save_file(part("extra_embeddings."), folder / EXTRA_FILE)
+    if meta.get("matching"):
+        safetensors.torch.save_file(part("matching."), folder / MATCH_FILE)
     if meta.get("vision_tower_training") in ("full", "lora"):  # lora: the adapters' and the base weights
         safetensors.torch.save_file(part("vision_tower."), folder / TOWER_FILE)
     llm_state = {k[len("llm."):]: v for k, v in state.items() if k.startswith("llm.")}
@@ -195,6 +233,8 @@ def load_trained(model: VideoLLM, folder: str | os.PathLike, meta: dict) -> None
     model.mm_projector.load_state_dict(safetensors.torch.load_file(folder / PROJECTOR_FILE))
     if meta["base_vocab"] is not None:
         model.extra_embeddings.load_state_dict(safetensors.torch.load_file(folder / EXTRA_FILE))
+    if meta.get("matching"):
+        model.matching.load_state_dict(safetensors.torch.load_file(folder / MATCH_FILE))
     if meta.get("vision_tower_training") in ("full", "lora"):
         model.vision_tower.load_state_dict(safetensors.torch.load_file(folder / TOWER_FILE))
     if meta["llm_training"] == "lora":
@@ -240,7 +280,7 @@ def _link_tree(source: Path, dest: Path) -> None:
     shutil.copytree(source, dest, copy_function=_link_file)
 
 
-def write_stage_folder(folder: str | os.PathLike, meta: dict, tokenizer) -> None:
+def write_stage_folder(folder: str | os.PathLike, meta: dict, tokenizer, query_tokenizer=None) -> None:
     """Complete a stage folder in which :func:`save_trained` wrote the trained weights: copy in the adapters the
     stage inherits, link in the whole LLM it inherits, save the tokenizer at the top level and write
     ``config.json`` with paths relative to the folder.
@@ -248,6 +288,7 @@ def write_stage_folder(folder: str | os.PathLike, meta: dict, tokenizer) -> None
     Args:
         meta: the stage's metadata in memory (absolute ``llm`` and ``adapters`` to copy from).
         tokenizer: the stage's tokenizer, added tokens included.
+        query_tokenizer: a question-conditioned connector's tokenizer, saved in ``qformer_tokenizer/``.
     """
     folder = Path(folder)
     adapters = []
@@ -258,6 +299,8 @@ def write_stage_folder(folder: str | os.PathLike, meta: dict, tokenizer) -> None
         if meta["llm_training"] == "lora":
             adapters.append(own_adapter(meta))
     tokenizer.save_pretrained(folder)
+    if query_tokenizer is not None:
+        query_tokenizer.save_pretrained(folder / QUERY_TOKENIZER_DIR)
     has_llm = meta["llm_training"] == "full" or bool(meta["llm"])
     trained_tower = meta.get("vision_tower_training") in ("full", "lora")
     if meta.get("vision_tower_training") == "lora":  # the stage folder's tower is whole: adapters merged

@@ -6,8 +6,10 @@ order (LLaVA's ``prepare_inputs_labels_for_multimodal``, without re-deriving lab
 positions). The visuals come as cached tokens (``video_features`` with each visual's ``(T, S)`` layout) or as
 frames (``pixel_values``, run through ``vision_tower`` inside the step). Tokens a recipe adds to the vocabulary
 (Video-ChatGPT's ``<vid_start>``/``<vid_end>``) get their own small embedding table, ``extra_embeddings``, so that
-training them never touches the LLM's embedding matrix. A stage's folder on disk is
-:mod:`pipeline.model.checkpoint`'s.
+training them never touches the LLM's embedding matrix. A question-conditioned connector (E.T. Chat's Q-Former)
+gets each visual's question tokens (``query_input_ids``, ``query_attention_mask``). With a
+:class:`~pipeline.model.matching.MatchingHead` (E.T. Chat's timestamp matching) the model predicts ``<vid>`` and
+matches it against the frames. A stage's folder on disk is :mod:`pipeline.model.checkpoint`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import torch
 from torch import nn
 
-from pipeline import VIDEO_TOKEN_INDEX
+from pipeline import IGNORE_INDEX, VIDEO_TOKEN_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +43,19 @@ class VideoLLM(nn.Module):
         base_vocab: the tokenizer's size before tokens were added.
         vision_tower: a :class:`~pipeline.vision.tower.VisionTower` for batches of ``pixel_values`` (online
             vision); None: the batches carry cached ``video_features``.
+        matching: E.T. Chat's :class:`~pipeline.model.matching.MatchingHead`, or None.
     """
 
     def __init__(self, llm: nn.Module, mm_projector: nn.Module, extra_embeddings: nn.Embedding | None = None,
-                 base_vocab: int | None = None, vision_tower: nn.Module | None = None):
+                 base_vocab: int | None = None, vision_tower: nn.Module | None = None,
+                 matching: nn.Module | None = None):
         super().__init__()
         self.llm = llm
         self.mm_projector = mm_projector
         self.extra_embeddings = extra_embeddings
         self.base_vocab = base_vocab
         self.vision_tower = vision_tower
+        self.matching = matching
 
     @property
     def config(self):
@@ -88,7 +93,9 @@ class VideoLLM(nn.Module):
 
     def embed(self, input_ids: torch.Tensor, video_features: torch.Tensor | None = None,
               visual_layout: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-              visual_frames: torch.Tensor | None = None) -> torch.Tensor:
+              visual_frames: torch.Tensor | None = None, query_input_ids: torch.Tensor | None = None,
+              query_attention_mask: torch.Tensor | None = None, vid_frames: torch.Tensor | None = None
+              ) -> torch.Tensor:
         """Input embeddings with the connector's output at the ``VIDEO_TOKEN_INDEX`` positions.
 
         Args:
@@ -96,6 +103,9 @@ class VideoLLM(nn.Module):
             video_features: ``(sum N_i, D)`` cached rows of the batch's visuals; or
             pixel_values, visual_frames: their frames (:meth:`vision_tokens`).
             visual_layout: ``(K, 2)`` int64, each visual's ``(T, S)`` (cached rows; ignored with frames).
+            query_input_ids, query_attention_mask: ``(K, Lq)`` int64, each visual's question in the
+                connector's tokenizer (question-conditioned connectors only).
+            vid_frames: ``(M,)`` int64, the frame of each ``<vid>`` (matching only, :meth:`MatchingHead.inject`).
 
         Returns:
             ``(B, L, hidden_size)`` in the embedding dtype.
@@ -125,28 +135,142 @@ class VideoLLM(nn.Module):
             return embeds
         # zero rows too (text-only batch): the connector stays in the step's graph
         weight = next(self.mm_projector.parameters())
-        projected = self.mm_projector.project(video_features.to(weight.dtype), layouts).to(embeds.dtype)
+        queries = (query_input_ids, query_attention_mask) if query_input_ids is not None else None
+        if getattr(self.mm_projector, "needs_query", False):
+            projected = self.mm_projector.project(video_features.to(weight.dtype), layouts, queries)
+        else:
+            projected = self.mm_projector.project(video_features.to(weight.dtype), layouts)
+        projected = projected.to(embeds.dtype)
         if count != len(projected):
             raise ValueError(f"{count} video positions in input_ids but the connector gives {len(projected)} "
                              "embeddings")
-        return embeds.masked_scatter(is_video.unsqueeze(-1), projected)
+        embeds = embeds.masked_scatter(is_video.unsqueeze(-1), projected)
+        if self.matching is not None:
+            embeds = self.matching.inject(embeds, input_ids, vid_frames)
+        return embeds
+
+    def _frame_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype):
+        """The attention mask to pass the LLM: the 2D one, or with bidirectional frames their 4D mask (boolean for
+        SDPA, additive for eager attention).
+
+        Raises:
+            ValueError: bidirectional frames under flash-attn, which takes no custom mask.
+        """
+        if self.matching is None or not self.matching.bidirectional_frames:
+            return attention_mask
+        implementation = getattr(self.llm.config, "_attn_implementation", "sdpa")
+        if implementation.startswith("flash"):
+            raise ValueError("matching.bidirectional_frames needs sdpa or eager attention, not flash-attn")
+        from pipeline.model.matching import frame_attention_mask
+
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        return frame_attention_mask(mask, input_ids, None if implementation == "sdpa" else dtype)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, video_features: torch.Tensor | None = None,
                 visual_layout: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-                visual_frames: torch.Tensor | None = None, **kwargs):
-        """The LLM's forward pass on the spliced embeddings; with ``labels``, its output carries the loss."""
-        embeds = self.embed(input_ids, video_features, visual_layout, pixel_values, visual_frames)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+                visual_frames: torch.Tensor | None = None, query_input_ids: torch.Tensor | None = None,
+                query_attention_mask: torch.Tensor | None = None, vid_frames: torch.Tensor | None = None,
+                **kwargs):
+        """The LLM's forward pass on the spliced embeddings; with ``labels``, its output carries the loss (with
+        matching: the language-model loss over the vocabulary and ``<vid>``, plus the matching loss)."""
+        embeds = self.embed(input_ids, video_features, visual_layout, pixel_values, visual_frames, query_input_ids,
+                            query_attention_mask, vid_frames)
+        if self.matching is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+        items = kwargs.pop("num_items_in_batch", None)
+        mask = self._frame_mask(input_ids, attention_mask, embeds.dtype)
+        with self.matching.capture(self.llm):
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+            out.logits = self.matching.logits(out.logits)
+            if labels is not None:
+                out.loss = self._lm_loss(out.logits, labels, items) + self.matching.loss(input_ids, labels,
+                                                                                         vid_frames)
+        return out
+
+    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor, items=None) -> torch.Tensor:
+        """Next-token cross-entropy over the LLM's vocabulary + ``<vid>`` (the last column): the label of
+        ``<vid>`` (its tokenizer id) is that column's index; summed over ``items`` tokens when the Trainer counts
+        them across accumulated steps, else the mean."""
+        labels = labels.masked_fill(labels == self.matching.token_id, logits.shape[-1] - 1)
+        shifted = labels[:, 1:].reshape(-1).to(logits.device)
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
+                                           ignore_index=IGNORE_INDEX, reduction="sum" if items else "mean")
+        return loss / items if items else loss
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  video_features: torch.Tensor | None = None, visual_layout: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, visual_frames: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
-        """Generate from left-padded prompts; returns only the new tokens ``(B, new)``."""
-        embeds = self.embed(input_ids, video_features, visual_layout, pixel_values, visual_frames)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+                 query_input_ids: torch.Tensor | None = None, query_attention_mask: torch.Tensor | None = None,
+                 vid_frames: torch.Tensor | None = None, **kwargs):
+        """Generate from left-padded prompts; returns only the new tokens ``(B, new)``. With matching: greedy
+        decoding of each prompt alone (:meth:`generate_matching`), and ``(tokens, matched)``: ``matched[b]`` the
+        frame of each ``<vid>`` row b emitted, in order."""
+        embeds = self.embed(input_ids, video_features, visual_layout, pixel_values, visual_frames, query_input_ids,
+                            query_attention_mask, vid_frames)
+        if self.matching is None:
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        pad = kwargs.get("pad_token_id") or 0
+        rows, matched = [], []
+        for b in range(len(input_ids)):
+            keep = attention_mask[b].bool()
+            tokens, frames = self.generate_matching(input_ids[b:b + 1, keep], embeds[b:b + 1, keep],
+                                                    kwargs.get("max_new_tokens", 32), kwargs.get("eos_token_id"))
+            rows.append(tokens)
+            matched.append(frames)
+        out = torch.full((len(rows), max(map(len, rows), default=0)), pad, dtype=torch.long)
+        for b, tokens in enumerate(rows):
+            out[b, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return out, matched
+
+    def generate_matching(self, input_ids: torch.Tensor, embeds: torch.Tensor, max_new_tokens: int,
+                          eos_token_id: int | list[int] | None) -> tuple[list[int], list[int]]:
+        """Greedy decoding of one prompt with the matching head (E.T. Chat ``etchat_arch.py:377-419``): each
+        emitted ``<vid>`` is matched against the prompt's frames (argmax of ``vid_head @ frm_head``), and its input
+        embedding gets the matched frame's embedding added.
+
+        Args:
+            input_ids: ``(1, L)`` the prompt, no padding; embeds: ``(1, L, h)`` its :meth:`embed`.
+            eos_token_id: id(s) that end the answer (not returned).
+
+        Returns:
+            The new token ids and the frame index of each ``<vid>`` among them, in order.
+        """
+        from pipeline.model.matching import video_spans
+
+        head, vid_id = self.matching, self.matching.token_id
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        start, count = (int(x[0]) for x in video_spans(input_ids))
+        mask = self._frame_mask(input_ids, torch.ones_like(input_ids), embeds.dtype)
+        tokens, matched, cache, length = [], [], None, input_ids.shape[1]
+        frames_embeds = embeds[0, start:start + count]
+        with head.capture(self.llm):
+            out = self.llm(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+            frames_states = head.states["prenorm"][:, :]  # the prompt's: frm_head reads its frames
+            for _ in range(max_new_tokens):
+                cache = out.past_key_values
+                logits = head.logits(out.logits[:, -1:])[0, -1]
+                token = int(logits.argmax())
+                is_vid = token == logits.shape[-1] - 1
+                token = vid_id if is_vid else token
+                if token in stops:
+                    break
+                tokens.append(token)
+                step = self.embed(torch.tensor([[token]], device=input_ids.device))
+                if is_vid:
+                    if count == 0:
+                        raise ValueError("the model emitted <vid> for a prompt without frames")
+                    penultimate = head.states["penultimate"]
+                    head.states["prenorm"], head.states["penultimate"] = frames_states, penultimate
+                    frame = int(head.similarities(torch.tensor([penultimate.shape[1] - 1]), 0, start, count)[0]
+                                .argmax())
+                    matched.append(frame)
+                    step = step + frames_embeds[frame].to(step.dtype)
+                length += 1
+                out = self.llm(inputs_embeds=step, past_key_values=cache, use_cache=True,
+                               attention_mask=torch.ones((1, length), dtype=torch.long, device=input_ids.device))
+        return tokens, matched
 
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """Checkpoint the LLM's layers (the HF Trainer calls this when ``gradient_checkpointing`` is set; ``kwargs``

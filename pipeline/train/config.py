@@ -25,9 +25,9 @@ LLM_TRAINING = ("frozen", "lora", "full")
 TOWER_TRAINING = ("frozen", "full", "lora")
 CONNECTOR_TRAINING = ("frozen", "full")
 VISION = ("cached", "online")
-PARAM_GROUPS = ("vision_tower", "connector", "llm", "lora")
+PARAM_GROUPS = ("vision_tower", "connector", "llm", "lora", "heads")
 AUGMENTATIONS = ("none", "llava_ssv2", "llava_ssv2_noflip")  # pipeline.video.augment's (which imports torch)
-SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "linear_warmup_cosine")
 # report_to names of the HF Trainer, and the module each needs
 REPORTERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
 
@@ -64,8 +64,10 @@ class StageConfig:
             stage's folder: the connector is inherited).
         mm_projector_init: a LLaVA checkpoint (folder, hub name or weight file) whose ``mm_projector`` weights the
             new connector starts from (Video-ChatGPT: LLaVA-Lightning-7B's); ignored when starting from a stage.
-        connector_training: ``frozen`` or ``full``: whether the connector (and any added tokens' embeddings)
-            trains.
+        connector: the connector's own settings (``model.connector``: see ``build_connector``).
+        connector_training: ``frozen``, ``full`` or a list of the connector's parts (``Connector.PARTS``: E.T.
+            Chat's stage 1 trains ``[aggregator, projector]``): what of the connector trains; any added tokens'
+            embeddings train unless it is ``frozen``.
         llm_training: ``frozen``, ``lora`` (adapters on ``lora.target_modules``) or ``full``.
         vision_tower_training: ``frozen``, ``full`` or ``lora`` (adapters on ``vision_lora.target_modules``;
             ``full`` and ``lora`` need ``vision`` online).
@@ -81,13 +83,21 @@ class StageConfig:
         param_groups: ``{group: {"learning_rate", "weight_decay"}}`` for every group of :data:`PARAM_GROUPS`
             (resolved: no value missing).
         lora: LoRA settings when ``llm_training`` is ``lora``.
+        matching: E.T. Chat's timestamp matching, ``{"alpha", "bidirectional_frames"}``, or None
+            (:class:`pipeline.model.matching.MatchingHead`).
+        min_duration, max_duration: drop records whose video lasts less / more than this many seconds (None: no
+            bound).
+        max_answer_words: drop records whose first answer has more words (split on ``" "``) than this.
         epochs: passes over the training records.
         learning_rate: peak learning rate.
         batch_size: samples per device per step.
         gradient_accumulation_steps: steps accumulated per optimizer update.
         max_length: longest sequence in tokens (video positions included).
         warmup_ratio: fraction of the steps spent warming up the learning rate.
-        lr_scheduler: ``cosine``, ``linear``, ``constant`` or ``constant_with_warmup``.
+        lr_scheduler: one of :data:`SCHEDULERS` (``linear_warmup_cosine``: Video-LLaMA's).
+        warmup_steps: optimizer steps of warmup, over ``warmup_ratio`` when set.
+        warmup_start_lr, min_learning_rate: ``linear_warmup_cosine``'s start of warmup and floor.
+        max_steps: optimizer steps of the stage, over ``epochs`` when set.
         weight_decay: AdamW weight decay.
         bf16: bfloat16 mixed precision (GPUs): frozen weights load in bfloat16, trained ones stay float32 (with
             DeepSpeed, its engine keeps their float32 master copy); float32 throughout otherwise.
@@ -110,7 +120,8 @@ class StageConfig:
     template: str
     mm_projector_type: str = "linear"
     mm_projector_init: str | None = None
-    connector_training: str = "full"
+    connector: dict = field(default_factory=dict)
+    connector_training: str | list[str] = "full"
     llm_training: str = "frozen"
     vision_tower_training: str = "frozen"
     vision: str = "cached"
@@ -122,6 +133,10 @@ class StageConfig:
     param_groups: dict = field(default_factory=dict)
     vision_lora: LoraSettings | None = None
     lora: LoraSettings | None = None
+    matching: dict | None = None
+    min_duration: float | None = None
+    max_duration: float | None = None
+    max_answer_words: int | None = None
     epochs: float = 1.0
     learning_rate: float = 2e-5
     batch_size: int = 4
@@ -129,6 +144,10 @@ class StageConfig:
     max_length: int = 2048
     warmup_ratio: float = 0.03
     lr_scheduler: str = "cosine"
+    warmup_steps: int | None = None
+    warmup_start_lr: float = 0.0
+    min_learning_rate: float = 0.0
+    max_steps: int | None = None
     weight_decay: float = 0.0
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -152,9 +171,18 @@ class StageConfig:
             problems.append(f"template: unknown {self.template!r}; known: {sorted(TEMPLATES)}")
         if self.mm_projector_type not in CONNECTORS:
             problems.append(f"mm_projector_type: unknown {self.mm_projector_type!r}; known: {CONNECTORS}")
+        if isinstance(self.connector_training, list):
+            from pipeline.model.connectors import connector_parts
+
+            unknown_parts = set(self.connector_training) - set(connector_parts(self.mm_projector_type))
+            if unknown_parts or not self.connector_training:
+                problems.append(f"train.connector: unknown part(s) {sorted(unknown_parts)} of "
+                                f"{self.mm_projector_type}; its parts are {connector_parts(self.mm_projector_type)}")
         for key, known in (("llm_training", LLM_TRAINING), ("vision_tower_training", TOWER_TRAINING),
                            ("connector_training", CONNECTOR_TRAINING), ("vision", VISION),
                            ("augment", AUGMENTATIONS)):
+            if key == "connector_training" and isinstance(self.connector_training, list):
+                continue
             if getattr(self, key) not in known:
                 problems.append(f"{key}: {getattr(self, key)!r} is not one of {known}")
         if self.llm_training == "lora" and self.lora is None:
@@ -174,6 +202,12 @@ class StageConfig:
             problems.append(f"param_groups: unknown group(s) {sorted(unknown_groups)}; groups are {PARAM_GROUPS}")
         if self.lr_scheduler not in SCHEDULERS:
             problems.append(f"lr_scheduler: {self.lr_scheduler!r} is not one of {SCHEDULERS}")
+        if self.matching is not None:
+            self.matching = {"alpha": 2.0, "bidirectional_frames": True, **self.matching}
+            if set(self.matching) != {"alpha", "bidirectional_frames"} or self.matching["alpha"] <= 1:
+                problems.append(f"matching: need alpha > 1 and bidirectional_frames only, got {self.matching}")
+        if (self.min_duration or 0) > (self.max_duration if self.max_duration is not None else float("inf")):
+            problems.append(f"min_duration {self.min_duration} s is over max_duration {self.max_duration} s")
         if self.max_frames is not None and self.max_frames < 1:
             problems.append(f"max_frames: must be >= 1, got {self.max_frames}")
         for key in ("batch_size", "gradient_accumulation_steps", "max_length", "save_steps", "logging_steps"):
@@ -210,7 +244,8 @@ STAGE_HYPERPARAMETERS = (
     "epochs", "learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "warmup_ratio",
     "lr_scheduler", "weight_decay", "bf16", "gradient_checkpointing", "save_steps", "logging_steps", "seed",
     "dataloader_workers", "deepspeed", "video_start_end", "trace_batches", "max_frames", "report_to", "vision",
-    "resolution", "augment", "video_prompt",
+    "resolution", "augment", "video_prompt", "matching", "min_duration", "max_duration", "max_answer_words",
+    "warmup_steps", "warmup_start_lr", "min_learning_rate", "max_steps",
 )
 TOWER_KEYS = ("backend", "model", "pretrained", "seed", "layer", "overrides", "resize")  # of the features section
 FRAME_KEYS = ("sampling", "num_frames", "fps", "min_frames", "max_frames")
@@ -235,7 +270,8 @@ def resolve_stage(config: dict, name: str) -> dict:
         "name": name,
         "template": stage.get("template") or config["llm"]["template"],
         "mm_projector_type": config["model"]["mm_projector_type"],
-        "mm_projector_init": config["model"].get("mm_projector_init"),
+        "mm_projector_init": stage.get("mm_projector_init") or config["model"].get("mm_projector_init"),
+        "connector": config["model"].get("connector") or {},
         "connector_training": stage["train"]["connector"],
         "llm_training": stage["train"]["llm"],
         "vision_tower_training": stage["train"].get("vision_tower", "frozen"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import resource
 import shutil
@@ -20,7 +21,14 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
-from pipeline.data.dataset import CachedVisuals, InstructionDataset, VideoCollator, fit_records, visual_tokens
+from pipeline.data.dataset import (
+    CachedVisuals,
+    InstructionDataset,
+    VideoCollator,
+    filter_records,
+    fit_records,
+    visual_tokens,
+)
 from pipeline.data.instructions import record_kind
 from pipeline.data.templates import VIDEO_WRAP, get_template, video_wrap_ids
 from pipeline.features.store import FeatureStore
@@ -33,10 +41,12 @@ from pipeline.model.checkpoint import (
     load_trained,
     read_stage_config,
     save_trained,
+    stage_query_tokenizer,
     write_stage_folder,
 )
 from pipeline.model.connectors import build_connector
 from pipeline.model.connectors.weights import projector_weights
+from pipeline.model.matching import MATCH_TOKEN, MatchingHead
 from pipeline.model.video_llm import VideoLLM, gathered, load_llm
 from pipeline.train.config import StageConfig, StagePaths
 from pipeline.train.weights_only import restrict_torch_load
@@ -50,7 +60,8 @@ COMPLETE = "complete"  # the mark of a checkpoint written whole
 
 def stage_tokenizer(config: StageConfig, init: str):
     """The stage's tokenizer and its size before added tokens: the ``init`` stage folder's (with any tokens earlier
-    stages added) or the base LLM's, with the video wrap tokens added when the stage asks for them."""
+    stages added) or the base LLM's, with the video wrap tokens and matching's ``<vid>`` added when the stage asks
+    for them."""
     tokenizer = AutoTokenizer.from_pretrained(init)
     base_vocab = read_stage_config(init)["base_vocab"] if is_stage_folder(init) else None
     if tokenizer.pad_token_id is None:
@@ -58,6 +69,8 @@ def stage_tokenizer(config: StageConfig, init: str):
     base_vocab = len(tokenizer) if base_vocab is None else base_vocab
     if config.video_start_end and not set(VIDEO_WRAP) <= set(tokenizer.get_vocab()):
         tokenizer.add_special_tokens({"additional_special_tokens": list(VIDEO_WRAP)})
+    if config.matching and MATCH_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [MATCH_TOKEN]})
     return tokenizer, base_vocab
 
 
@@ -100,16 +113,18 @@ def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None
         meta = {key: previous[key] for key in ("base_llm", "llm", "adapters", "mm_projector_type", "mm_hidden_size",
                                                "hidden_size")}
         meta["vision_tower_weights"] = previous.get("vision_tower_weights")
+        meta["connector"] = previous.get("connector") or {}
     else:
         llm = load_llm(init, llm_dtype)
         hidden = llm.get_input_embeddings().embedding_dim  # the weight may be ZeRO-3 partitioned
-        projector = build_connector(config.mm_projector_type, feature_dim, hidden)
+        projector = build_connector(config.mm_projector_type, feature_dim, hidden,
+                                    config.connector)
         if config.mm_projector_init:
             _init_projector(projector, config.mm_projector_init)
         model = VideoLLM(llm, projector.to(trained))
         meta = {"base_llm": str(Path(init).resolve()) if Path(init).exists() else init, "llm": None,
                 "adapters": [], "mm_projector_type": config.mm_projector_type, "mm_hidden_size": feature_dim,
-                "hidden_size": hidden, "vision_tower_weights": None}
+                "hidden_size": hidden, "vision_tower_weights": None, "connector": config.connector}
     added = len(tokenizer) - base_vocab if tokenizer is not None and base_vocab is not None else 0
     if added and (model.extra_embeddings is None or model.extra_embeddings.num_embeddings != added):
         weight = model.llm.get_input_embeddings().weight
@@ -118,12 +133,24 @@ def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None
         model.extra_embeddings = nn.Embedding.from_pretrained(mean.repeat(added, 1).to(trained), freeze=False)
         model.base_vocab = base_vocab
     meta["base_vocab"] = model.base_vocab if model.extra_embeddings is not None else None
+    if config.matching and model.matching is None:
+        model.matching = _matching_head(model, config, tokenizer, trained)
+    elif model.matching is not None and not config.matching:
+        model.matching = None  # a stage without matching drops the head an earlier one trained
+    if model.matching is not None:
+        model.matching.alpha = config.matching["alpha"]
+        model.matching.bidirectional_frames = config.matching["bidirectional_frames"]
+    meta["matching"] = ({**config.matching, "token_id": model.matching.token_id} if model.matching is not None
+                        else None)
     model.vision_tower = tower
     model.requires_grad_(False)
-    connector = config.connector_training == "full"
-    model.mm_projector.requires_grad_(connector)
+    parts = config.connector_training
+    for name, param in model.mm_projector.named_parameters():
+        param.requires_grad_(parts == "full" or (isinstance(parts, list) and model.mm_projector.part(name) in parts))
     if model.extra_embeddings is not None:
-        model.extra_embeddings.requires_grad_(connector)
+        model.extra_embeddings.requires_grad_(parts != "frozen" or model.matching is not None)
+    if model.matching is not None:
+        model.matching.requires_grad_(True)
     if tower is not None:
         tower.requires_grad_(config.vision_tower_training == "full")
         tower.to(trained if config.vision_tower_training == "full" else frozen)
@@ -158,6 +185,24 @@ def build_model(config: StageConfig, init: str, feature_dim: int, tokenizer=None
     return model, meta
 
 
+def _matching_head(model: VideoLLM, config: StageConfig, tokenizer, dtype: torch.dtype) -> MatchingHead:
+    """A new :class:`MatchingHead` for ``<vid>`` of ``tokenizer``, its output row the mean of the LLM's output rows
+    (E.T. Chat ``etchat/train/train.py:459-465``), in ``dtype``.
+
+    Raises:
+        ValueError: ``<vid>`` is not an added token of ``tokenizer`` (its input row would be the LLM's).
+    """
+    token_id = tokenizer.convert_tokens_to_ids(MATCH_TOKEN)
+    if model.extra_embeddings is None or token_id < model.base_vocab:
+        raise ValueError(f"matching: {MATCH_TOKEN} must be a token the stage adds to the tokenizer")
+    head = MatchingHead(model.llm.get_input_embeddings().embedding_dim, token_id, config.matching["alpha"],
+                        config.matching["bidirectional_frames"])
+    weight = model.llm.get_output_embeddings().weight
+    with gathered(weight), torch.no_grad():
+        head.vid_output.weight.copy_(weight.detach().float().mean(0, keepdim=True))
+    return head.to(dtype)
+
+
 def _tower_lora(tower: nn.Module, lora, dtype: torch.dtype) -> None:
     """Add trainable LoRA adapters (peft's ``inject_adapter_in_model``) to the tower's linear layers named by
     ``lora.target_modules``, in ``dtype``.
@@ -187,9 +232,12 @@ def _tower_lora(tower: nn.Module, lora, dtype: torch.dtype) -> None:
 
 def parameter_group(name: str) -> str:
     """The parameter group of a :class:`VideoLLM` parameter by its name: ``lora`` (any LoRA adapter), ``vision_tower``,
-    ``connector`` (``mm_projector`` and the added tokens' ``extra_embeddings``, which train with it) or ``llm``."""
+    ``connector`` (``mm_projector`` and the added tokens' ``extra_embeddings``, which train with it), ``heads``
+    (matching's ``frm_head``, ``vid_head`` and ``<vid>`` output row) or ``llm``."""
     if "lora_" in name:
         return "lora"
+    if name.startswith("matching."):
+        return "heads"
     if name.startswith("vision_tower."):
         return "vision_tower"
     if name.startswith(("mm_projector.", "extra_embeddings.")):
@@ -236,6 +284,10 @@ def _init_projector(projector: nn.Module, source: str) -> None:
     Raises:
         ValueError: the checkpoint's projector has other names or shapes (another type, feature or LLM width).
     """
+    if hasattr(projector, "load_original"):  # a Q-Former connector: its released .pth, weights only
+        projector.load_original(source)
+        log.info("%s initialised from %s", type(projector).__name__, source)
+        return
     weights = projector_weights(source)
     expected = {name: tuple(p.shape) for name, p in projector.state_dict().items()}
     found = {name: tuple(t.shape) for name, t in weights.items()}
@@ -260,9 +312,10 @@ class VideoLLMTrainer(Trainer):
         stage_meta: the stage's metadata (:func:`build_model`).
     """
 
-    def __init__(self, *args, stage_meta: dict, param_groups: dict | None = None, **kwargs):
+    def __init__(self, *args, stage_meta: dict, param_groups: dict | None = None, schedule: dict | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.stage_meta, self.param_groups = stage_meta, param_groups or {}
+        self.stage_meta, self.param_groups, self.schedule = stage_meta, param_groups or {}, schedule
         self._tokens, self._since = 0, time.perf_counter()
         self._masters: dict[str, torch.Tensor] = {}  # trained weights' float32 masters under DeepSpeed bf16
 
@@ -292,6 +345,23 @@ class VideoLLMTrainer(Trainer):
             log.info("optimizer group %s%s: %d tensors, lr %g, weight decay %g", group, "" if decays else " (no decay)",
                      len(entry["params"]), entry["lr"], entry["weight_decay"])
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's schedule, or with ``schedule`` (a ``linear_warmup_cosine`` stage's settings)
+        :func:`linear_warmup_cosine`, each group's learning rate scaled alike (its peak over the stage's)."""
+        if self.schedule is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        settings = self.schedule
+        warmup = settings["warmup_steps"]
+        warmup = math.ceil(settings["warmup_ratio"] * num_training_steps) if warmup is None else warmup
+
+        def factor(step: int) -> float:
+            return linear_warmup_cosine(step, num_training_steps, settings["learning_rate"], warmup,
+                                        settings["warmup_start_lr"], settings["min_learning_rate"]
+                                        ) / settings["learning_rate"]
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         # this step's tokens, video positions included; summed on the device, read only when logging (no sync)
@@ -331,6 +401,17 @@ class VideoLLMTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_trained(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint, self.stage_meta)
         log.info("resumed weights from %s", resume_from_checkpoint)
+
+
+def linear_warmup_cosine(step: int, total_steps: int, peak: float, warmup_steps: int, warmup_start_lr: float,
+                         min_lr: float) -> float:
+    """The learning rate at optimizer step ``step`` (from 0) of Video-LLaMA's ``LinearWarmupCosineLRScheduler``
+    (``video_llama/common/optims.py:79-112``): ``min(peak, warmup_start_lr + (peak - warmup_start_lr) * step /
+    warmup_steps)`` during the first ``warmup_steps`` steps, then ``min_lr + (peak - min_lr) * (1 + cos(pi * step /
+    total_steps)) / 2`` (the cosine counts from step 0, so it starts below the peak after the warmup)."""
+    if step < warmup_steps:
+        return min(peak, warmup_start_lr + (peak - warmup_start_lr) * step / max(warmup_steps, 1))
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
 
 
 def _duration(seconds: float) -> str:
@@ -485,16 +566,19 @@ def training_arguments(config: StageConfig, output_dir: Path, extra: dict) -> Tr
     """The HF ``TrainingArguments`` of a stage (under ZeRO-3, made before the model, they shard its loading).
 
     ``warmup_steps`` gets ``warmup_ratio``: transformers 5 reads a value below 1 as a share of the optimizer steps
-    (``ceil(ratio * steps)`` warmup steps), as ``StageConfig`` requires it to be.
+    (``ceil(ratio * steps)`` warmup steps), as ``StageConfig`` requires it to be; a stage's ``warmup_steps`` goes
+    as it is. ``linear_warmup_cosine`` is :class:`VideoLLMTrainer`'s own (the Trainer gets ``constant``).
     """
+    own = config.lr_scheduler == "linear_warmup_cosine"
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_ratio,
-        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_steps if config.warmup_steps is not None else config.warmup_ratio,
+        lr_scheduler_type="constant" if own else config.lr_scheduler,
         weight_decay=config.weight_decay,
         bf16=config.bf16,
         activation_checkpointing=config.gradient_checkpointing,
@@ -540,17 +624,23 @@ def run_stage(config: StageConfig, paths: StagePaths) -> bool:
     source = visual_source(config, paths, tower)
     model, meta = build_model(config, paths.init, tower.dim if tower is not None else source.dim, tokenizer,
                               base_vocab, tower)
+    records, excluded = filter_records(records, source, config.min_duration, config.max_duration,
+                                       config.max_answer_words)
     tokens = visual_tokens(source, records, model.mm_projector)  # every visual the records name (none: text only)
-    records, excluded = fit_records(records, tokenizer, template, config.max_length, tokens, wrap, source,
-                                    config.video_prompt)
+    records, unfit = fit_records(records, tokenizer, template, config.max_length, tokens, wrap, source,
+                                 config.video_prompt)
+    excluded += unfit
     if excluded:
         log.warning("stage %s: %d of %d records excluded (listed in model/excluded.jsonl), e.g. %s", config.name,
                     len(excluded), len(records) + len(excluded), excluded[0]["reason"])
     if not records:
-        raise ValueError(f"{paths.train_data}: no record fits max_length {config.max_length}")
+        raise ValueError(f"{paths.train_data}: no record left to train on, all {len(excluded)} excluded, e.g. "
+                         f"{excluded[0]['reason'] if excluded else ''}")
     skipped = out / "skipped.jsonl"  # records whose visuals failed at training time, from the DataLoader workers
+    query = stage_query_tokenizer(model.mm_projector, meta["connector"], paths.init)
     dataset = InstructionDataset(records, tokenizer, template, source, model.mm_projector, config.max_length, wrap,
-                                 config.video_prompt, skipped)
+                                 config.video_prompt, skipped, query,
+                                 model.matching.token_id if model.matching is not None else None)
     args = args or training_arguments(config, checkpoints, extra)
     resume = _latest_checkpoint(checkpoints, _stamp(config, paths), clean=args.process_index == 0)
     if not resume and args.process_index == 0:
@@ -559,6 +649,7 @@ def run_stage(config: StageConfig, paths: StagePaths) -> bool:
     preemption = Preemption()
     trainer = VideoLLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               data_collator=collator, stage_meta=meta, param_groups=config.param_groups,
+                              schedule=asdict(config) if config.lr_scheduler == "linear_warmup_cosine" else None,
                               callbacks=[CheckpointComplete(), preemption, StepLog()])
     trainer.remove_callback(PrinterCallback)  # StepLog prints the steps
     plugin = trainer.accelerator.state.deepspeed_plugin
@@ -577,7 +668,7 @@ def run_stage(config: StageConfig, paths: StagePaths) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))  # every rank: under ZeRO-3 the weights are gathered first
     if trainer.is_world_process_zero():
-        write_stage_folder(tmp, meta, tokenizer)
+        write_stage_folder(tmp, meta, tokenizer, query)
         write_yaml(tmp / "stage.yaml", config.to_dict())
         skipped_at_training = _skipped(skipped)
         excluded += skipped_at_training

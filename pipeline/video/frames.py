@@ -16,7 +16,7 @@ from pipeline.shards import ItemError
 
 log = logging.getLogger(__name__)
 
-SAMPLINGS = ("uniform", "midpoints", "videochatgpt", "fps")
+SAMPLINGS = ("uniform", "midpoints", "videochatgpt", "fps", "fps_from_start")
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,14 @@ class FrameSampling:
         method: ``uniform`` (``num_frames`` evenly spaced, first and last frame included), ``midpoints`` (the middle
             frame of each of ``num_frames`` equal segments, TSN-style), ``videochatgpt`` (Video-ChatGPT's
             ``get_seq_frames``: at most ``num_frames``, never more than the video has), or ``fps`` (``fps`` frames
-            per second of video, between ``min_frames`` and ``max_frames``, as midpoints).
+            per second of video, between ``min_frames`` and ``max_frames``, as midpoints), or ``fps_from_start``
+            (E.T. Chat's ``etchat/utils/io.py:47``: the frames at t = 0, 1 / fps, 2 / fps, ... seconds,
+            ``np.arange(0, total, video_fps / fps).round()``; more than ``max_frames``: ``max_frames`` evenly
+            spaced, ``uniform``).
         num_frames: frames for ``uniform``, ``midpoints`` and ``videochatgpt``.
-        fps: frames per second of video for ``fps`` (E.T. Chat: 1).
-        min_frames, max_frames: bounds of the ``fps`` count (VideoChat-Flash: 4 to 512).
+        fps: frames per second of video for ``fps`` and ``fps_from_start`` (E.T. Chat: 1).
+        min_frames, max_frames: bounds of the ``fps`` count (VideoChat-Flash: 4 to 512); ``max_frames`` bounds
+            ``fps_from_start``'s.
     """
 
     method: str = "midpoints"
@@ -71,6 +75,12 @@ class FrameSampling:
             raise ValueError(f"a video needs at least one frame, got total={total}")
         if total == 1:
             return np.zeros(1, dtype=np.int64)
+        if self.method == "fps_from_start":
+            step = video_fps / self.fps if video_fps > 0 else 1.0 / self.fps
+            found = np.clip(np.round(np.arange(0, total, step)), 0, total - 1).astype(np.int64)
+            if len(found) > self.max_frames:
+                found = np.round(np.linspace(0, total - 1, self.max_frames)).astype(np.int64)
+            return found
         if multiple > 1 and self.method == "fps":
             # VideoChat-Flash's dynamic_fps1 (llava-train_videochat/llava/video_utils.py get_frame_indices, lines
             # 97-164): whole clips of the video's seconds x fps, at most max_frames, at least min_frames; a video

@@ -1,12 +1,14 @@
 """Vision towers, one module per family, behind one interface (:class:`pipeline.vision.tower.VisionTower`):
 :mod:`~pipeline.vision.clip` (open_clip, Hugging Face CLIP), :mod:`~pipeline.vision.multichannel_clip` (the SSv2
-fork's), :mod:`~pipeline.vision.umt` (VideoChat-Flash's UMT-L). :func:`build_tower` makes the one a config names."""
+fork's), :mod:`~pipeline.vision.umt` (VideoChat-Flash's UMT-L), :mod:`~pipeline.vision.eva` (EVA-ViT-G, the frozen
+encoder of BLIP-2, Video-LLaMA and E.T. Chat; ``eva_vit_g_qformer`` adds BLIP-2's image Q-Former). :func:`build_tower`
+makes the one a config names."""
 
 from __future__ import annotations
 
 import logging
 
-BACKENDS = ("open_clip", "hf_clip", "multichannel_clip", "umt")
+BACKENDS = ("open_clip", "hf_clip", "multichannel_clip", "umt", "eva")
 
 log = logging.getLogger(__name__)
 
@@ -53,4 +55,8 @@ def _build(backend: str, model: str, pretrained: str | None, layer: int, overrid
         from pipeline.vision.umt import build_umt
 
         return build_umt(model, pretrained, layer, overrides, seed, image_size)
+    if backend == "eva":
+        from pipeline.vision.eva import build_eva
+
+        return build_eva(model, pretrained, layer, overrides, seed, image_size)
     raise ValueError(f"unknown vision tower backend {backend!r}; known: {BACKENDS}")

@@ -1,10 +1,10 @@
 """The vision tower interface: frames of one video in, patch tokens of one block out.
 
-Every tower family (:mod:`pipeline.vision.clip`, :mod:`pipeline.vision.umt`, :mod:`pipeline.vision.multichannel_clip`)
-is a :class:`VisionTower`. The same module serves both paths of a stage: the features stage runs it ahead of
-training (cached vision, :mod:`pipeline.features.extract`), and an online stage runs it inside the training step
-(:class:`pipeline.model.video_llm.VideoLLM`), frozen, fully trained or with LoRA; so both give the same tokens for
-the same frames.
+Every tower family (:mod:`pipeline.vision.clip`, :mod:`pipeline.vision.umt`, :mod:`pipeline.vision.multichannel_clip`,
+:mod:`pipeline.vision.eva`) is a :class:`VisionTower`. The same module serves both paths of a stage: the features
+stage runs it ahead of training (cached vision, :mod:`pipeline.features.extract`), and an online stage runs it
+inside the training step (:class:`pipeline.model.video_llm.VideoLLM`), frozen, fully trained or with LoRA; so both
+give the same tokens for the same frames.
 """
 
 from __future__ import annotations

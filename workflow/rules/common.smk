@@ -62,7 +62,7 @@ def dataset_config(name):
 
 def dataset_options(name):
     """The dataset's converter options (pipeline.data.formats.Options) as JSON."""
-    keys = ("root", "labels", "images", "split", "video_placement")
+    keys = ("root", "labels", "images", "split", "video_placement", "timestamps")
     return json.dumps({key: dataset_config(name)[key] for key in keys})
 
 

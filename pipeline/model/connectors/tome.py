@@ -106,7 +106,8 @@ class ToMeConnector(Connector):
         clips, _, target = self._groups(frames, patches)
         return clips * target
 
-    def project(self, rows: torch.Tensor, layouts: list[tuple[int, int]]) -> torch.Tensor:
+    def project(self, rows: torch.Tensor, layouts: list[tuple[int, int]],
+                queries: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         out, start = [], 0
         for frames, patches in layouts:
             clips, per_clip, target = self._groups(frames, patches)
