@@ -11,7 +11,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # DeepSpeed compiles its small CPU ops on first use; keep them between runs.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup demo test lint clean slurm-profile
+.PHONY: setup demo test lint clean slurm-profile eval-env
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v ffmpeg >/dev/null && command -v dot >/dev/null && command -v java >/dev/null || \
@@ -24,6 +24,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 setup: $(VENV)/.installed
+
+# lmms-eval pins av<16 and wandb==0.25.0 (we use PyAV 18), so it gets its own venv: lmms-eval, our package (editable)
+# and our other dependencies but av, torch at constraints.txt's version; filelock<4, as lmms-eval 0.7.3 imports
+# filelock._api. Then (pipeline/eval/lmms_eval_model.py): `.venv-eval/bin/lmms-eval --model video_llm
+# --model_args stage=results/train/<stage>,index=results/features/index.tsv --tasks ...`. About 4-5 minutes, 7.2 GB.
+VENV_EVAL := .venv-eval
+$(VENV_EVAL)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV_EVAL)
+	$(VENV_EVAL)/bin/python -m pip install -q -c constraints.txt torch torchvision
+	$(VENV_EVAL)/bin/python -c "import tomllib; print(*(d for d in tomllib.load(open('pyproject.toml', 'rb'))\
+		['project']['dependencies'] if not d.startswith('av=')), sep='\n')" > $(VENV_EVAL)/requirements.txt
+	$(VENV_EVAL)/bin/python -m pip install -q -c constraints.txt lmms-eval==0.7.3 "filelock<4" \
+		-r $(VENV_EVAL)/requirements.txt
+	$(VENV_EVAL)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+eval-env: $(VENV_EVAL)/.installed
 
 demo: setup
 	$(VENV)/bin/snakemake

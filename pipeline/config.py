@@ -128,7 +128,8 @@ def missing_inputs(config: dict, made: set[str], files: list[str] = ()) -> list[
     """The input files and folders ``config`` names that do not exist (and no rule makes), one line each with the
     key.
 
-    Checked: ``data.manifest``, each dataset's ``annotations``, ``labels`` and ``root``, ``llm.name_or_path``,
+    Checked: ``data.manifest``, each dataset's ``annotations``, ``labels`` and ``root``, each benchmark's
+    ``annotations`` and ``root``, ``llm.name_or_path``,
     ``model.mm_projector_init`` and ``features.pretrained`` when they are clearly local paths (absolute, ``./``,
     ``../``, ``~`` or a weight file: a bare ``org/name`` may be a hub id, which cannot be checked offline), and the
     ``download.allowed_roots`` folders.
@@ -140,6 +141,8 @@ def missing_inputs(config: dict, made: set[str], files: list[str] = ()) -> list[
     named = [(["data", "manifest"], config["data"]["manifest"])]
     for i, dataset in enumerate(config["instructions"]["datasets"]):
         named += [(["instructions", "datasets", i, key], dataset.get(key)) for key in ("annotations", "labels", "root")]
+    for i, benchmark in enumerate(config["evaluate"]["benchmarks"]):
+        named += [(["evaluate", "benchmarks", i, key], benchmark.get(key)) for key in ("annotations", "root")]
     maybe_local = ((["llm", "name_or_path"], config["llm"]["name_or_path"]),
                    (["model", "mm_projector_init"], config["model"].get("mm_projector_init")),
                    (["features", "pretrained"], config["features"].get("pretrained")))
@@ -149,3 +152,35 @@ def missing_inputs(config: dict, made: set[str], files: list[str] = ()) -> list[
               if not root.startswith("package:")]
     return [f"config error: {_where(path)} ({_source(path, files)}): {value} does not exist" for path, value in named
             if value and value not in made and not Path(value).expanduser().exists()]
+
+
+def benchmark_errors(config: dict, stages: list[str]) -> list[str]:
+    """What makes ``evaluate``'s benchmarks unusable, one line each with the key: an unknown stage in
+    ``evaluate.stages``, a benchmark name used twice, a judged format (open QA, Video-ChatGPT's benchmark) without
+    a ``judge``, a ``judge`` or ``variant`` on a format that has none, or a judge config that
+    :func:`pipeline.eval.judge.judge_from_config` refuses (checked without loading the judge)."""
+    from pipeline.eval.benchmarks import JUDGED, get
+    from pipeline.eval.judge import check_judge_config
+
+    evaluate = config["evaluate"]
+    errors = [f"config error: evaluate.stages: {name!r} is not a stage; stages are {stages}"
+              for name in evaluate.get("stages") or [] if name not in stages]
+    seen: set[str] = set()
+    for i, entry in enumerate(evaluate["benchmarks"]):
+        where = f"evaluate.benchmarks[{i}] ({entry['name']})"
+        if entry["name"] in seen:
+            errors.append(f"config error: {where}: the name is used twice")
+        seen.add(entry["name"])
+        judged = get(entry["format"]).format in JUDGED
+        if judged and not entry.get("judge"):
+            errors.append(f"config error: {where}: format {entry['format']} is scored by a judge model; set judge")
+        elif not judged and entry.get("judge"):
+            errors.append(f"config error: {where}: format {entry['format']} has no judge")
+        if entry.get("variant") and "videochat_flash" not in get(entry["format"]).options:
+            errors.append(f"config error: {where}: format {entry['format']} has no scorer variants")
+        if judged and entry.get("judge"):
+            try:
+                check_judge_config(entry["judge"])
+            except ValueError as e:
+                errors.append(f"config error: {where}.judge: {e}")
+    return errors

@@ -1,5 +1,6 @@
 """Report assets: loss curves per training stage, statistics of the raw videos, a summary page of what every
-stage kept and rejected and why and of what each rule cost, and a job graph that stays readable at any shard count.
+stage kept and rejected and why, of each training stage's score on each benchmark (with sample predictions and
+frames of their videos) and of what each rule cost, and a job graph that stays readable at any shard count.
 
 ``snakemake --report`` embeds them (see ``workflow/rules/report.smk``) next to the rule graph and the DAG, so a
 run is inspected in one page.
@@ -8,7 +9,9 @@ run is inspected in one page.
 from __future__ import annotations
 
 import argparse
+import base64
 import html
+import io
 import json
 import re
 import sys
@@ -21,8 +24,16 @@ from pipeline import VIDEO_TOKEN
 from pipeline.cli import parser as cli_parser
 from pipeline.cli import run
 from pipeline.io import atomic_path, read_json, read_table, write_text
+from pipeline.shards import ItemError
+from pipeline.video.frames import FrameSampling, read_frames
 
 PREDICTIONS_SHOWN = 100  # predictions listed on the summary page (all of them up to this many)
+SAMPLES_SHOWN = 4  # a benchmark's predictions shown with a frame strip (the last stage's first ones)
+FAILED_SHOWN = 4  # a benchmark's predictions whose video failed upstream shown besides them (no strip)
+STRIP_FRAMES = 4  # frames of a strip (the middles of equal segments of the video)
+STRIP_HEIGHT = 96  # pixels; a strip of 16:9 frames is about 20 kB of base64 JPEG
+UNITS = ("percent", "fraction", "score")  # a benchmark's units: 0-100, 0-1, a judge's 0-5
+EVAL_KEYS = ("benchmark", "stage", "overall", "units", "count", "unanswered")  # what a metrics.json must have
 
 
 def plot_loss(loss_table: str | Path, out: str | Path, title: str) -> None:
@@ -178,19 +189,210 @@ def stage_counts(tables: dict[str, list[str]]) -> tuple[pd.DataFrame, pd.DataFra
     return pd.DataFrame(counts), pd.DataFrame(failures, columns=["stage", "video_id", "reason"])
 
 
+def format_score(value: float | None, units: str) -> str:
+    """A benchmark number in its ``units``: ``percent`` ``"62.5 %"``, ``fraction`` ``"0.625"``, ``score`` (a
+    judge's 0 to 5) ``"3.10 / 5"``; None (nothing was scored) ``"n/a"``.
+
+    Raises:
+        ValueError: ``units`` is not one of :data:`UNITS`.
+    """
+    if units not in UNITS:
+        raise ValueError(f"unknown units {units!r}; known: {UNITS}")
+    if value is None:
+        return "n/a"
+    return {"percent": f"{value:.1f} %", "fraction": f"{value:.3f}", "score": f"{value:.2f} / 5"}[units]
+
+
+def read_evaluations(metrics: list[str | Path],
+                     predictions: list[str | Path] = ()) -> dict[str, dict[str, tuple[dict, Path | None]]]:
+    """The benchmark evaluations, ``benchmark -> stage -> (its metrics.json, its predictions.jsonl or None)``,
+    benchmarks and stages in the order the files come.
+
+    Args:
+        metrics: each (stage, benchmark)'s ``results/eval/<stage>/<benchmark>/metrics.json``; the stage and the
+            benchmark are its ``stage`` and ``benchmark`` keys.
+        predictions: their ``predictions.jsonl``, in the same order; empty: none.
+
+    Raises:
+        ValueError: ``predictions`` and ``metrics`` differ in length, a metrics file lacks a key of
+            :data:`EVAL_KEYS`, has unknown units or an ``overall``, ``tasks`` or ``durations`` value that is not a
+            number (or None), or two files are the same stage's on the same benchmark.
+    """
+    if predictions and len(predictions) != len(metrics):
+        raise ValueError(f"{len(metrics)} metrics files but {len(predictions)} predictions files")
+    evaluations: dict[str, dict[str, tuple[dict, Path | None]]] = {}
+    for i, path in enumerate(metrics):
+        scores = read_json(path)
+        scores.update(scores.get("headline", {}))  # a scorer's numbers, flat (pipeline.eval.benchmarks.headline)
+        missing = [key for key in EVAL_KEYS if key not in scores]
+        if missing:
+            raise ValueError(f"{path}: no {', '.join(missing)}")
+        if scores["units"] not in UNITS:
+            raise ValueError(f"{path}: unknown units {scores['units']!r}; known: {UNITS}")
+        numbers = {"overall": scores["overall"], **{f"{key} {group}": value for key in ("tasks", "durations")
+                                                   for group, value in (scores.get(key) or {}).items()}}
+        for name, value in numbers.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{path}: {name} is {value!r}, not a number in {scores['units']}")
+        stages = evaluations.setdefault(scores["benchmark"], {})
+        if scores["stage"] in stages:
+            raise ValueError(f"{path}: a second evaluation of stage {scores['stage']!r} on {scores['benchmark']!r}")
+        stages[scores["stage"]] = (scores, Path(predictions[i]) if predictions else None)
+    return evaluations
+
+
+def benchmark_table(evaluations: dict[str, dict[str, tuple[dict, Path | None]]]) -> pd.DataFrame:
+    """Stages x benchmarks (:func:`read_evaluations`): each cell the stage's overall score in the benchmark's units
+    (:func:`format_score`) and its answered items of all, ``"62.5 % (15/16 answered)"``; empty where the stage
+    was not evaluated on the benchmark. Stages in the order they first come."""
+    stages = list(dict.fromkeys(stage for by_stage in evaluations.values() for stage in by_stage))
+    rows = []
+    for stage in stages:
+        row = {"stage": stage}
+        for benchmark, by_stage in evaluations.items():
+            scores = by_stage[stage][0] if stage in by_stage else None
+            row[benchmark] = "" if scores is None else (
+                f"{format_score(scores['overall'], scores['units'])} "
+                f"({scores['count'] - scores['unanswered']}/{scores['count']} answered)")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["stage", *evaluations])
+
+
+def benchmark_breakdowns(evaluations: dict[str, dict[str, tuple[dict, Path | None]]]) -> list[tuple[str, pd.DataFrame]]:
+    """Per benchmark whose metrics have ``tasks`` or ``durations``: a table of the task (or duration bucket)
+    against the stages, each cell its score in the benchmark's units; ``(title, table)`` pairs."""
+    tables = []
+    for benchmark, by_stage in evaluations.items():
+        for key, label in (("tasks", "task"), ("durations", "duration")):
+            groups = list(dict.fromkeys(group for scores, _ in by_stage.values() for group in scores.get(key) or {}))
+            if not groups:
+                continue
+            frame = pd.DataFrame({label: groups, **{
+                stage: [format_score(scores[key][group], scores["units"]) if group in (scores.get(key) or {}) else ""
+                        for group in groups] for stage, (scores, _) in by_stage.items()}})
+            tables.append((f"{html.escape(benchmark)}: score per {label} and stage", frame))
+    return tables
+
+
+def frame_strip(path: str | Path) -> str:
+    """An ``<img>`` of :data:`STRIP_FRAMES` frames of the video at ``path`` side by side, :data:`STRIP_HEIGHT` px
+    high, inline as a base64 JPEG.
+
+    Raises:
+        ItemError: the video does not decode (see :func:`pipeline.video.frames.read_frames`).
+    """
+    import numpy as np
+    from PIL import Image  # matplotlib's dependency
+
+    frames, _, _ = read_frames(path, FrameSampling("midpoints", STRIP_FRAMES))
+    strip = np.concatenate(list(frames), axis=1)
+    width = max(1, round(strip.shape[1] * STRIP_HEIGHT / strip.shape[0]))
+    buffer = io.BytesIO()
+    Image.fromarray(strip).resize((width, STRIP_HEIGHT)).save(buffer, format="JPEG", quality=70)
+    return (f'<img src="data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode("ascii")}" '
+            f'height="{STRIP_HEIGHT}" alt="{STRIP_FRAMES} frames of the video">')
+
+
+def _failed_upstream(row: dict) -> bool:
+    """Whether a benchmark prediction's video failed in a data stage (the model never saw it)."""
+    return str(row.get("status", "")).startswith("failed upstream")
+
+
+def _cell(value) -> str:
+    """A value as an HTML table cell's escaped text; None is empty."""
+    return "" if value is None else html.escape(str(value))
+
+
+def benchmark_samples(evaluations: dict[str, dict[str, tuple[dict, Path | None]]],
+                      videos_index: str | Path | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """Per benchmark, sample predictions of its last stage that has a predictions file: the first
+    :data:`SAMPLES_SHOWN` and the first :data:`FAILED_SHOWN` others whose video failed upstream, each with a
+    :func:`frame_strip` of its video (``frames``, only with ``videos_index``), or ``no video (...)`` with why: the
+    video failed upstream, is not in the index, its file is missing or does not decode. ``(title, table)`` pairs;
+    the tables' cells are HTML (text escaped).
+
+    Args:
+        videos_index: the compressed videos' ``index.tsv`` (:mod:`pipeline.video.index`: ``video_id``, ``path``).
+
+    Raises:
+        ValueError: ``videos_index`` has no ``video_id`` or ``path`` column.
+    """
+    paths: dict[str, str] = {}
+    if videos_index is not None:
+        index = read_table(videos_index)
+        if not {"video_id", "path"} <= set(index.columns):
+            raise ValueError(f"{videos_index}: needs the columns video_id and path")
+        paths = dict(zip(index["video_id"], index["path"]))
+    strips: dict[str, str] = {}  # video id -> its strip or why there is none, each video decoded once
+
+    def strip(row: dict) -> str:
+        video = row.get("video_id")
+        if _failed_upstream(row):
+            return "no video (it failed upstream)"
+        if video not in paths:
+            return "no video (not in the compressed videos)"
+        if video not in strips:
+            if not Path(paths[video]).is_file():
+                strips[video] = f"no video (missing file {html.escape(paths[video])})"
+            else:
+                try:
+                    strips[video] = frame_strip(paths[video])
+                except ItemError as exc:
+                    strips[video] = f"no video ({html.escape(str(exc))})"
+        return strips[video]
+
+    tables = []
+    for benchmark, by_stage in evaluations.items():
+        with_predictions = [(stage, path) for stage, (_, path) in by_stage.items() if path is not None]
+        if not with_predictions:
+            continue
+        stage, path = with_predictions[-1]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        failed = [row for row in rows[SAMPLES_SHOWN:] if _failed_upstream(row)][:FAILED_SHOWN]
+        shown = rows[:SAMPLES_SHOWN] + failed
+        frame = pd.DataFrame([{
+            **{key: _cell(row.get(key)) for key in ("id", "video", "task", "duration")},
+            "prompt": html.escape(_question(row.get("prompt") or "")), "answer": _cell(row.get("answer")),
+            "prediction": "(none)" if row.get("prediction") is None else _cell(row["prediction"]),
+            "status": _cell(row.get("status")), **({"frames": strip(row)} if videos_index is not None else {}),
+        } for row in shown])
+        title = (f"{html.escape(benchmark)}: the first {min(SAMPLES_SHOWN, len(rows))} of {len(rows)} predictions "
+                 f"of stage {html.escape(stage)}" + (f", and {len(failed)} whose video failed upstream" if failed
+                                                     else ""))
+        tables.append((title, frame))
+    return tables
+
+
+def _section(title: str, frame: pd.DataFrame, escape: bool = True) -> str:
+    """A titled table of the page (``title`` is HTML); ``escape=False``: the cells are HTML already."""
+    return f"<h3>{title}</h3>{frame.to_html(index=False, border=0, escape=escape) if len(frame) else '<p>none</p>'}"
+
+
 def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, instructions: list[str | Path],
                  mixes: list[str | Path], metrics: str | Path, predictions: str | Path,
-                 benchmarks: str | Path | None = None, train_metrics: list[str | Path] = ()) -> str:
+                 benchmarks: str | Path | None = None, train_metrics: list[str | Path] = (),
+                 eval_metrics: list[str | Path] = (), eval_predictions: list[str | Path] = (),
+                 videos_index: str | Path | None = None) -> str:
     """The summary page: videos per data stage, failed videos with reasons, each dataset's instruction records kept
     and rejected by reason, each training stage's data mix and the records it trained on (by kind, excluded,
-    skipped at training time), metrics, the predictions (all of them up to
-    :data:`PREDICTIONS_SHOWN`) and what each rule cost (:func:`job_stats`).
+    skipped at training time), metrics on the held-out split, its predictions (all of them up to
+    :data:`PREDICTIONS_SHOWN`), each stage's scores on the benchmarks (:func:`benchmark_table`, per task and
+    duration: :func:`benchmark_breakdowns`) with sample predictions and frames of their videos
+    (:func:`benchmark_samples`), and what each rule cost (:func:`job_stats`).
 
     Args:
         instructions: each dataset's ``counts.json`` (the dataset is its folder's name).
         mixes: each stage's ``data_counts.json`` (the stage is its folder's name).
+        metrics, predictions: the held-out split's evaluation (``results/eval/metrics.json``, ``predictions.jsonl``).
         benchmarks: the folder of Snakemake's benchmark files (jobs finished before this page are counted).
         train_metrics: the training stages' ``train_metrics.json``.
+        eval_metrics, eval_predictions: each (stage, benchmark)'s ``metrics.json`` and ``predictions.jsonl``
+            (``results/eval/<stage>/<benchmark>/``), in the same order (:func:`read_evaluations`).
+        videos_index: the compressed videos' ``index.tsv``, for the sample predictions' frame strips; None: no
+            strips.
+
+    Raises:
+        ValueError: see :func:`read_evaluations` and :func:`benchmark_samples`.
     """
     counts, failures = stage_counts(tables)
     by_reason = (failures.assign(kind=failures["reason"].map(failure_kind)).groupby(["stage", "kind"], sort=False)
@@ -228,6 +430,7 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
          "by kind": ", ".join(f"{kind} {n}" for kind, n in m.get("records_by_kind", {}).items()),
          "excluded before training": m["excluded"], "skipped at training time": m["skipped_at_training"]}
         for path in train_metrics if Path(path).exists() and "records" in (m := read_json(path))])
+    evaluations = read_evaluations(eval_metrics, eval_predictions)
     sections = [
         ("Videos per data stage", counts),
         ("Manifest rows rejected before download", rejected),
@@ -240,10 +443,14 @@ def summary_html(tables: dict[str, list[str]], manifest_rejected: str | Path, in
          "was not)", trained),
         (f"Evaluation of {html.escape(str(scores['model']))} (greedy decoding)", metric_rows),
         (shown, samples),
-        ("What each rule cost (jobs finished before this page; wall time summed over a rule's jobs)", costs),
+        ("Benchmarks: stages x benchmarks (the overall score in the benchmark's units, and the items answered; a "
+         "video that failed upstream leaves its items unanswered)", benchmark_table(evaluations)),
+        *benchmark_breakdowns(evaluations),
     ]
-    body = "".join(f"<h3>{title}</h3>{frame.to_html(index=False, border=0) if len(frame) else '<p>none</p>'}"
-                   for title, frame in sections)
+    body = "".join(_section(title, frame) for title, frame in sections)
+    body += "".join(_section(title, frame, escape=False)
+                    for title, frame in benchmark_samples(evaluations, videos_index))
+    body += _section("What each rule cost (jobs finished before this page; wall time summed over a rule's jobs)", costs)
     style = "body{font-family:sans-serif} table{border-collapse:collapse} td,th{padding:2px 10px;text-align:left}"
     return f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>{body}</body></html>"
 
@@ -271,6 +478,11 @@ def parser() -> argparse.ArgumentParser:
     summary.add_argument("--predictions", required=True)
     summary.add_argument("--benchmarks", help="the folder of Snakemake's benchmark files")
     summary.add_argument("--train-metrics", nargs="*", default=[], help="each stage's train_metrics.json")
+    summary.add_argument("--eval-metrics", nargs="*", default=[],
+                         help="each (stage, benchmark)'s metrics.json (both read from the file)")
+    summary.add_argument("--eval-predictions", nargs="*", default=[],
+                         help="their predictions.jsonl, in the same order")
+    summary.add_argument("--videos-index", help="the compressed videos' index.tsv (frame strips of the samples)")
     summary.add_argument("--out", required=True)
     return parser
 
@@ -287,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         tables = {name: paths for name, *paths in args.stage}
         write_text(args.out, summary_html(tables, args.manifest_rejected, args.instructions, args.mixes,
-                                          args.metrics, args.predictions, args.benchmarks, args.train_metrics))
+                                          args.metrics, args.predictions, args.benchmarks, args.train_metrics,
+                                          args.eval_metrics, args.eval_predictions, args.videos_index))
     return 0
 
 

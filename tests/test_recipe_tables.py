@@ -420,6 +420,50 @@ TABLES = {
     "videollama_action": VIDEOLLAMA_ACTION,
     "etchat": ETCHAT,
 }
+# The benchmarks a recipe evaluates on, as its system's evaluation runs them: rows of (benchmark, key, expected,
+# source), key a GenerationSettings field of the benchmark's generation.
+# VCF_E = OpenGVLab/VideoChat-Flash at 2f8e2f5, lmms-eval_videochat/lmms_eval/tasks;
+# VCF_M = lmms-eval_videochat/lmms_eval/models/videochat_flash.py; VCGPT = mbzuai-oryx/Video-ChatGPT at 659e04b.
+_VCF_GREEDY = [("do_sample", False), ("video_placement", "before")]
+EVAL_ROWS = {
+    "videochat_flash": [
+        *[(name, key, value, f"VCF_E/{task}:{line}") for name, task, line in [
+            ("mvbench", "mvbench/_default_template.yaml", "7-11"), ("videomme", "videomme/videomme.yaml", "14-18"),
+            ("mlvu", "mlvu_mc/_default_template.yaml", "7-11"), ("lvbench", "lvbench/_default_template.yaml", "8-12"),
+            ("longvideobench", "longvideobench/longvideobench_val_v.yaml", "15-17"),
+            ("charades_sta", "temporal_grounding/_default_template.yaml", "7-11")]
+          for key, value in _VCF_GREEDY],
+        ("mvbench", "max_new_tokens", 16, "VCF_E/mvbench/_default_template.yaml:7"),
+        ("videomme", "max_new_tokens", 16, "VCF_E/videomme/videomme.yaml:14"),
+        ("mlvu", "max_new_tokens", 16, "VCF_E/mlvu_mc/_default_template.yaml:7"),
+        ("lvbench", "max_new_tokens", 16, "VCF_E/lvbench/_default_template.yaml:8"),
+        ("longvideobench", "max_new_tokens", 32, "VCF_E/longvideobench/longvideobench_val_v.yaml:15"),
+        ("charades_sta", "max_new_tokens", 50, "VCF_E/temporal_grounding/_default_template.yaml:7"),
+        ("perceptiontest", "max_new_tokens", 1024, "VCF_M:228-229 (the task sets no generation_kwargs)"),
+        ("perceptiontest", "do_sample", False, "VCF_M:232-233"),
+    ],
+    "videochatgpt": [
+        *[(name, key, value, source) for name in ("activitynet_qa", "vcgpt_generic", "vcgpt_temporal",
+                                                  "vcgpt_consistency")
+          for key, value, source in [("do_sample", True, "VCGPT video_chatgpt/inference.py:104"),
+                                     ("temperature", 0.2, "VCGPT video_chatgpt/inference.py:105"),
+                                     ("max_new_tokens", 1024, "VCGPT video_chatgpt/inference.py:106"),
+                                     ("video_placement", "after", "VCGPT video_chatgpt/inference.py:66-69")]],
+    ],
+}
+EVAL = [(name, *row) for name, rows in EVAL_ROWS.items() for row in rows]
+
+
+@pytest.mark.parametrize(("name", "benchmark", "key", "expected", "source"), EVAL,
+                         ids=[f"{name}-{benchmark}-{key}" for name, benchmark, key, _, _ in EVAL])
+def test_a_recipe_evaluates_as_its_original(name, benchmark, key, expected, source):
+    from pipeline.eval.generate import GenerationSettings
+
+    entry = next(b for b in _recipe(name)["evaluate"]["benchmarks"] if b["name"] == benchmark)
+    value = getattr(GenerationSettings(**entry["generation"]), key)
+    assert value == expected, f"{name} {benchmark} {key}: {value!r}, the original's is {expected!r} ({source})"
+
+
 # The geometry of the towers the recipes name (input px, patch px): what a tiny stand-in keeps of the real model.
 HF_GEOMETRY = {"openai/clip-vit-large-patch14-336": (336, 14)}
 

@@ -49,6 +49,11 @@ def run(tmp_path_factory, clips, tiny_llm_dir):
         ("Where is the man?", "In a car."), ("What does he wear?", "A bow tie."), ("What does he do?", "Talks.")]]
     qa += [{"video_id": "fake", "q": "What is this?", "a": "Text."}]
     (workdir / "qa.json").write_text(json.dumps(qa))
+    mcq = [{"id": f"{video}_q", "video": f"{video}.mp4", "question": "Where is this?", "options": options,
+            "answer": answer, "task": "place"} for video, options, answer in [
+        ("band", ["In a car.", "In a studio."], "B"), ("carphone", ["In a car.", "On a stage."], "A"),
+        ("fake", ["Nowhere.", "In a text file."], "B")]]
+    (workdir / "mcq.json").write_text(json.dumps(mcq))
     stage = {"train": {"connector": "full", "llm": "frozen"}, "epochs": 1, "batch_size": 2, "max_length": 64,
              "learning_rate": 1e-3, "deepspeed": str(REPO / "config/deepspeed/zero2.json"),
              "resources": {"cpus": 2}}
@@ -64,7 +69,8 @@ def run(tmp_path_factory, clips, tiny_llm_dir):
             {"name": "stage2", "init": "stage1", **stage, "train": {"connector": "full", "llm": "lora"},
              "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}},
         ],
-        "evaluate": {"max_new_tokens": 4},
+        "evaluate": {"max_new_tokens": 4, "benchmarks": [
+            {"name": "places", "format": "mcq", "annotations": "mcq.json", "generation": {"max_new_tokens": 2}}]},
     }
     (workdir / "config" / "config.yaml").write_text(yaml.safe_dump(config))
     snakemake(workdir)
@@ -81,6 +87,22 @@ def test_every_stage_writes_its_outputs(run):
     assert read_json(results / "eval" / "metrics.json")["count"] == 3
     assert sorted(read_table(results / "features" / "index.tsv")["video_id"]) == ["band", "carphone"]
     assert "shard: shard&#45;00001" in (results / "report" / "dag.svg").read_text()  # the DAG shows every shard
+
+
+def test_every_stage_answers_every_benchmark_and_a_failed_video_is_an_unanswered_row(run):
+    summary = (run / "results" / "report" / "summary.html").read_text()
+    for stage in ("stage1", "stage2"):
+        folder = run / "results" / "eval" / stage / "places"
+        metrics = read_json(folder / "metrics.json")
+        assert (metrics["stage"], metrics["benchmark"], metrics["count"], metrics["unanswered"]) == (stage, "places",
+                                                                                                      3, 1)
+        rows = {row["id"]: row for row in map(json.loads, (folder / "predictions.jsonl").read_text().splitlines())}
+        assert rows["fake_q"]["prediction"] is None
+        assert rows["fake_q"]["status"].startswith("failed upstream: transcode: not a video")
+        assert all(isinstance(rows[i]["prediction"], str) for i in ("band_q", "carphone_q"))
+        assert f"<td>{stage}</td>" in summary
+    assert "Benchmarks: stages x benchmarks" in summary and "(2/3 answered)" in summary
+    assert "places: score per task and stage" in summary and 'src="data:image/jpeg;base64,' in summary
 
 
 def test_a_text_file_named_mp4_costs_only_its_own_row(run):
@@ -100,7 +122,8 @@ def test_a_complete_run_has_nothing_left_to_do(run):
 
 def test_forcerun_a_stage_redoes_that_stage_and_what_follows_only(run):
     jobs = planned_jobs(snakemake(run, "-n", "--forcerun", "train_stage2"))
-    assert jobs == {"train_stage2": 1, "evaluate": 1, "loss_plot": 1, "summary": 1, "all": 1}
+    assert jobs == {"train_stage2": 1, "evaluate": 1, "answer_benchmark": 1, "score_benchmark": 1, "loss_plot": 1,
+                    "summary": 1, "all": 1}
 
 
 def test_deleting_one_shards_videos_redoes_that_shard_only(run):

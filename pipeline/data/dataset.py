@@ -313,7 +313,7 @@ class InstructionDataset(Dataset):
             sample["query_ids"] = [self._query(record)] * len(names)
         if self.match_token_id is not None:
             sample["vid_frames"] = self._vid_frames(record, sample["input_ids"], infos, for_generation)
-        if isinstance(self.source, CachedVisuals):
+        if isinstance(getattr(self.source, "source", self.source), CachedVisuals):  # a wrapped source too
             parts = [item["video_features"] for item in loaded]
             sample["video_features"] = torch.cat(parts) if parts else torch.zeros((0, self.source.dim),
                                                                                   dtype=torch.float16)

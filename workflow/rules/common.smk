@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config import missing_inputs
+from pipeline.config import benchmark_errors, missing_inputs
 from pipeline.train.config import resolve_stage
 
 RESULTS = "results"
@@ -24,8 +24,16 @@ DATA_STAGES = tuple(stage for stage in ("download", "transcode", "compress", "fe
                     if not (SINGLE_PASS and stage == "transcode") and (CACHED or stage != "features"))
 DEMO_MANIFEST = "resources/demo/manifest.tsv"  # written by rule demo_manifest
 
+# The benchmarks every stage of EVAL_STAGES answers (results/eval/<stage>/<benchmark>/); `BENCHMARKS` above is
+# Snakemake's benchmark folder, not these.
+EVAL_BENCHMARKS = {entry["name"]: entry for entry in config["evaluate"]["benchmarks"]}
+EVAL_STAGES = config["evaluate"]["stages"] or STAGES
+
 if EVAL_STAGE not in STAGES:
     sys.exit(f"config error: evaluate.stage: {EVAL_STAGE!r} is not a stage; stages are {STAGES}")
+_errors = benchmark_errors(config, STAGES)
+if _errors:
+    sys.exit("\n".join(_errors))
 _made = {DEMO_MANIFEST, *([config["llm"]["name_or_path"]] if config["llm"]["gguf"] else [])}
 _missing = missing_inputs(config, _made, workflow.configfiles)
 if _missing:
@@ -37,6 +45,7 @@ wildcard_constraints:
     compressed=r"compress(_\d+px)?",
     stage="|".join(STAGES),
     dataset="|".join(DATASETS),
+    benchmark="|".join(EVAL_BENCHMARKS) or "(?!)",
 
 
 def shard_ids():
@@ -146,12 +155,34 @@ def all_targets(wildcards):
         *(expand(f"{RESULTS}/features/{{shard}}.h5", shard=shard_ids()) if CACHED else []),
         *expand(f"{RESULTS}/train/{{stage}}/model", stage=STAGES),
         f"{RESULTS}/eval/metrics.json",
+        *benchmark_metrics(),
         f"{RESULTS}/report/summary.html",
         f"{RESULTS}/report/video_stats.svg",
         *expand(f"{RESULTS}/report/loss_{{stage}}.svg", stage=STAGES),
         f"{RESULTS}/report/rulegraph.svg",
         f"{RESULTS}/report/dag.svg",
     ]
+
+
+def benchmark_metrics():
+    """Every (stage, benchmark) evaluation's metrics, stage by stage."""
+    return expand(f"{RESULTS}/eval/{{stage}}/{{benchmark}}/metrics.json", stage=EVAL_STAGES,
+                  benchmark=EVAL_BENCHMARKS)
+
+
+def benchmark_generation(wildcards):
+    """The benchmark's generation settings as JSON (pipeline.eval.generate.GenerationSettings' keys)."""
+    return json.dumps(EVAL_BENCHMARKS[wildcards.benchmark]["generation"])
+
+
+def score_options(wildcards):
+    """A benchmark's scoring options: --variant, and for judged formats --judge (JSON) and its cache's path."""
+    entry = EVAL_BENCHMARKS[wildcards.benchmark]
+    options = ["--variant", entry["variant"]] if entry["variant"] else []
+    if entry["judge"]:
+        cache = f"{RESULTS}/eval/judgments/{wildcards.stage}/{wildcards.benchmark}.jsonl"
+        options += ["--judge", json.dumps(entry["judge"]), "--judge-cache", cache]
+    return options
 
 
 def status_tables(wildcards):

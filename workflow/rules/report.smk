@@ -42,7 +42,7 @@ rule video_stats:
 
 rule summary:
     """Videos kept and failed per data stage, instruction records kept and rejected, evaluation metrics and
-    predictions, and what each rule cost (after the other report assets, so that their jobs are counted too)."""
+    predictions, the stages x benchmarks table with sample predictions and their frames, and what each rule cost (after the other report assets, so that their jobs are counted too)."""
     input:
         unpack(status_tables),
         rejected=f"{RESULTS}/shards",
@@ -50,6 +50,9 @@ rule summary:
         mixes=expand(f"{RESULTS}/train/{{stage}}/data_counts.json", stage=STAGES),
         metrics=f"{RESULTS}/eval/metrics.json",
         predictions=f"{RESULTS}/eval/predictions.jsonl",
+        eval_metrics=benchmark_metrics(),
+        eval_predictions=[path.replace("metrics.json", "predictions.jsonl") for path in benchmark_metrics()],
+        videos=f"{RESULTS}/compress/index.tsv",  # the frame strips of the benchmarks' sample predictions
         assets=[f"{RESULTS}/report/video_stats.svg", *expand(f"{RESULTS}/report/loss_{{stage}}.svg", stage=STAGES),
                 f"{RESULTS}/report/rulegraph.svg"],
     output:
@@ -69,7 +72,8 @@ rule summary:
         "python -m pipeline.report summary {params.stages:q} --manifest-rejected {input.rejected:q}/rejected.tsv"
         " --instructions {input.instructions:q} --mixes {input.mixes:q} --metrics {input.metrics:q}"
         " --predictions {input.predictions:q} --benchmarks {params.benchmarks:q}"
-        " --train-metrics {params.train_metrics:q} --out {output:q} > {log:q} 2>&1"
+        " --train-metrics {params.train_metrics:q} --eval-metrics {input.eval_metrics:q}"
+        " --eval-predictions {input.eval_predictions:q} --videos-index {input.videos:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule run_config:

@@ -52,6 +52,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from pipeline.eval.benchmarks.base import InputError  # re-exported: etbench.InputError
+
 UPSTREAM = "ETBench evaluation/compute_metrics.py"
 
 # ETBench evaluation/compute_metrics.py:419, :478, :510, :703, :739
@@ -118,15 +120,6 @@ _SPAN_TASKS = {"tvg", "epm", "gvq"}  # tgt is one [s, e]
 _MULTI_SPAN_TASKS = {"tem", "tal", "evs", "dvc", "slc"}  # tgt is a list of [s, e]
 _CHOICE_TASKS = {"rar", "eca", "rvq", "gvq"}
 _CAPTION_TASKS = {"dvc", "slc"}
-
-
-class InputError(ValueError):
-    """An input file that cannot be read or is not what it should be; ``str()`` is one line naming the file."""
-
-    def __init__(self, path: str | Path, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
