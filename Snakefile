@@ -38,6 +38,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/instructions.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 
 

@@ -126,6 +126,14 @@ def test_forcerun_a_stage_redoes_that_stage_and_what_follows_only(run):
                     "summary": 1, "all": 1}
 
 
+def test_export_is_off_by_default_and_made_by_name(run):
+    assert "Nothing to be done" in snakemake(run, "-n").stdout
+    assert planned_jobs(snakemake(run, "-n", "export")) == {"export": 1}
+    snakemake(run, "export")
+    exported = read_json(run / "results" / "export" / "stage2_hf" / "config.json")
+    assert exported["model_type"] == "video_llm_hf"
+
+
 def test_deleting_one_shards_videos_redoes_that_shard_only(run):
     subprocess.run(["rm", "-r", str(run / "results" / "compress" / "shard-00000")], check=True)
     jobs = planned_jobs(snakemake(run, "-n"))

@@ -366,7 +366,8 @@ class InstructionDataset(Dataset):
 
 
 class VideoCollator:
-    """Pads a batch on the right: ``input_ids`` with ``pad_token_id``, ``labels`` with ``IGNORE_INDEX``.
+    """Pads a batch on the right: ``input_ids`` with ``pad_token_id``, ``labels`` with ``IGNORE_INDEX``; or with
+    ``packing``, packs it padding-free into one row.
 
     Returns ``input_ids`` ``(B, L)``, ``labels`` ``(B, L)``, ``attention_mask`` ``(B, L)`` int64, the visuals'
     layouts ``visual_layout`` ``(K, 2)`` int64 (each visual's ``(T, S)``, in batch order), and either
@@ -374,25 +375,26 @@ class VideoCollator:
     text-only samples) or ``pixel_values`` ``(sum T_i, 3, H, W)`` uint8 with ``visual_frames`` ``(K,)`` int64. With
     ``trace`` it appends each batch's record ids to that file (one line a batch: the data order, to check a resumed
     run against an uninterrupted one).
+
+    Packed (``packing``), as transformers' ``DataCollatorWithFlattening``: ``input_ids`` and ``labels`` ``(1, sum
+    L_i)`` int64, the samples' tokens one after the other (video positions included: they are already expanded to
+    the connector's tokens), and ``position_ids`` ``(1, sum L_i)`` int64, counting from 0 in each sample, in place
+    of ``attention_mask``. Each sample's first label is ``IGNORE_INDEX``, so that the last token of a sample does
+    not learn to predict the next sample (unpacked, the first label is never a target). Given ``position_ids`` and
+    no ``attention_mask``, the LLM keeps attention within each sample: flash-attn's varlen kernel, or a
+    block-diagonal causal mask (SDPA, eager).
     """
 
-    def __init__(self, pad_token_id: int, trace: str | Path | None = None):
-        self.pad_token_id, self.trace = pad_token_id, trace
+    def __init__(self, pad_token_id: int, trace: str | Path | None = None, packing: bool = False):
+        self.pad_token_id, self.trace, self.packing = pad_token_id, trace, packing
 
     def __call__(self, batch: list[dict]) -> dict:
-        length = max(len(item["input_ids"]) for item in batch)
-        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for i, item in enumerate(batch):
-            n = len(item["input_ids"])
-            input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = item["input_ids"], item["labels"], 1
         if self.trace is not None:
             with open(self.trace, "a", encoding="utf-8") as handle:
                 handle.write(" ".join(item["id"] for item in batch) + "\n")
         layouts = [layout for item in batch for layout in item["layouts"]]
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-               "visual_layout": torch.tensor(layouts, dtype=torch.long).reshape(-1, 2)}
+        out = self._packed(batch) if self.packing else self._padded(batch)
+        out["visual_layout"] = torch.tensor(layouts, dtype=torch.long).reshape(-1, 2)
         if "query_ids" in batch[0]:  # one question per visual, padded on the right with 0 ([PAD])
             queries = [ids for item in batch for ids in item["query_ids"]]
             width = max(map(len, queries), default=0)
@@ -409,3 +411,21 @@ class VideoCollator:
         else:
             out["video_features"] = torch.cat([item["video_features"] for item in batch])
         return out
+
+    def _padded(self, batch: list[dict]) -> dict:
+        length = max(len(item["input_ids"]) for item in batch)
+        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for i, item in enumerate(batch):
+            n = len(item["input_ids"])
+            input_ids[i, :n], labels[i, :n], attention_mask[i, :n] = item["input_ids"], item["labels"], 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+    @staticmethod
+    def _packed(batch: list[dict]) -> dict:
+        lengths = [len(item["input_ids"]) for item in batch]
+        labels = torch.cat([item["labels"] for item in batch])
+        labels[torch.tensor([0, *lengths[:-1]]).cumsum(0)] = IGNORE_INDEX  # each sample's first position
+        return {"input_ids": torch.cat([item["input_ids"] for item in batch])[None], "labels": labels[None],
+                "position_ids": torch.cat([torch.arange(n) for n in lengths])[None]}

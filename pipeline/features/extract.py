@@ -91,6 +91,32 @@ class FeatureConfig:
         return frame_tokens(tokens, grid, self.spatial_pool)
 
 
+def video_tokens(encoder, pixels, config: FeatureConfig):
+    """One video's stored tokens and their layout, as the features rule writes them.
+
+    Args:
+        encoder: the :class:`pipeline.features.encoder.FrameEncoder` of ``config.encoder``.
+        pixels: the sampled frames fitted to the tower (``encoder.prep``'s output).
+
+    Returns:
+        ``(features (N, D) float16 tensor, T, S)``: ``videochatgpt`` pooling gives T temporal rows then S spatial
+        ones, ``frames`` T frames of S tokens.
+
+    Raises:
+        ItemError: the tokens are not finite (NaN, or beyond float16's range).
+    """
+    import torch
+
+    tokens = encoder.patch_tokens(pixels, config.batch_size)
+    features = config.pool(tokens, encoder.grid)
+    if not torch.isfinite(features).all():
+        raise ItemError("non-finite features (NaN or beyond float16 range)")
+    frames = len(tokens)  # the tower's output frames (a multi-channel tower folds 16 frames into 3)
+    if config.pooling == "videochatgpt":
+        return features, len(features) - tokens.shape[1], tokens.shape[1]
+    return features, frames, len(features) // frames
+
+
 class _Frames:
     """One item per video, for a DataLoader: the row with its sampled frames fitted to the tower, or the reason
     they could not be read."""
@@ -169,15 +195,8 @@ def extract_shard(rows: list[dict], out: str | Path, config: FeatureConfig, thre
     def produce(row: dict, writer) -> dict:
         if row["error"]:
             raise ItemError(row["error"])
-        tokens = encoder[0].patch_tokens(row["pixels"], config.batch_size)
-        features = config.pool(tokens, encoder[0].grid)
-        if not torch.isfinite(features).all():
-            raise ItemError("non-finite features (NaN or beyond float16 range)")
-        frames = len(tokens)  # the tower's output frames (a multi-channel tower folds 16 frames into 3)
-        per_frame = tokens.shape[1] if config.pooling == "videochatgpt" else len(features) // frames
-        writer.add(row["video_id"], features.numpy(), config.pooling,
-                   len(features) - per_frame if config.pooling == "videochatgpt" else frames, per_frame,
-                   row["indices"], row["times"])
+        features, t, s = video_tokens(encoder[0], row["pixels"], config)
+        writer.add(row["video_id"], features.numpy(), config.pooling, t, s, row["indices"], row["times"])
         return writer.fields(row["video_id"])
 
     task = ShardTask(produce=produce, settings=settings, outputs=FeatureShard(settings_attrs(settings)), load=load)

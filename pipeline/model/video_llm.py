@@ -171,13 +171,29 @@ class VideoLLM(nn.Module):
                 visual_layout: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 visual_frames: torch.Tensor | None = None, query_input_ids: torch.Tensor | None = None,
                 query_attention_mask: torch.Tensor | None = None, vid_frames: torch.Tensor | None = None,
-                **kwargs):
+                position_ids: torch.Tensor | None = None, **kwargs):
         """The LLM's forward pass on the spliced embeddings; with ``labels``, its output carries the loss (with
-        matching: the language-model loss over the vocabulary and ``<vid>``, plus the matching loss)."""
+        matching: the language-model loss over the vocabulary and ``<vid>``, plus the matching loss).
+
+        A packed batch (:class:`~pipeline.data.dataset.VideoCollator` with ``packing``) is one row: ``input_ids``,
+        ``labels`` and ``position_ids`` ``(1, sum L_i)`` int64, the positions counting from 0 in each sample, and no
+        ``attention_mask``. The visuals fill its video positions in order as in a padded batch, and the LLM reads the
+        samples' bounds from ``position_ids`` (transformers' padding-free path, without a KV cache: flash-attn's
+        varlen kernel, else a block-diagonal causal mask), so that each token's logits and loss are those of its
+        sample alone.
+
+        Raises:
+            ValueError: a packed batch with matching, whose frame mask and loss take one sample a row.
+        """
+        if self.matching is not None and position_ids is not None:
+            raise ValueError("packing: matching takes one sample a row (its frame mask and loss), not packed batches")
         embeds = self.embed(input_ids, video_features, visual_layout, pixel_values, visual_frames, query_input_ids,
                             query_attention_mask, vid_frames)
         if self.matching is None:
-            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            if position_ids is not None:  # with a cache, transformers builds a plain causal mask (no packed bounds)
+                kwargs["use_cache"] = False
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels,
+                            position_ids=position_ids, **kwargs)
         items = kwargs.pop("num_items_in_batch", None)
         mask = self._frame_mask(input_ids, attention_mask, embeds.dtype)
         with self.matching.capture(self.llm):

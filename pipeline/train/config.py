@@ -76,6 +76,12 @@ class StageConfig:
             tower in the step).
         vision_tower: the tower (:class:`pipeline.features.encoder.EncoderConfig` fields: the features section's);
             an online stage builds it, every stage records it in its folder.
+        features: a cached stage's features settings that shape its tokens besides ``vision_tower`` (the features
+            section's :data:`FEATURE_KEYS`: frame sampling, pooling, temporal tokens, precision), so that a new
+            video can be given the tokens the stage learnt from (:mod:`pipeline.chat`); ``{}`` for online stages.
+        compress: how the videos the stage's visuals come from were compressed (the compress section's
+            :data:`COMPRESS_KEYS`: ``fps`` frames/s, ``size`` short side in pixels, that of ``resolution`` for an
+            online stage with one, x264 ``crf`` and ``preset``).
         frames: an online stage's frame sampling (:class:`pipeline.video.frames.FrameSampling` fields).
         resolution: an online stage's tower input side in pixels; None: the tower's own.
         augment: an online stage's frame augmentation, one of ``AUGMENTATIONS``.
@@ -110,6 +116,9 @@ class StageConfig:
         video_start_end: wrap the video positions in ``<vid_start>``/``<vid_end>``, tokens added to the vocabulary
             whose embeddings train with the projector (Video-ChatGPT's ``--mm_use_vid_start_end``).
         trace_batches: append each batch's record ids to ``<output_dir>/batches.log`` (the data order).
+        packing: pack each batch padding-free into one sequence (:class:`~pipeline.data.dataset.VideoCollator`),
+            attention kept within each sample; the same per-token loss as padded batches, without the padding's
+            compute. Not with ``matching``.
         max_frames: train on at most this many of each video's cached frames, evenly spaced (``frames`` pooling
             only; VideoChat-Flash's stages on 4 and 8 frames reuse the features cached for its long-video stages).
         report_to: where the Trainer reports metrics besides ``loss.tsv``: any of :data:`REPORTERS` that is
@@ -126,6 +135,8 @@ class StageConfig:
     vision_tower_training: str = "frozen"
     vision: str = "cached"
     vision_tower: dict = field(default_factory=dict)
+    features: dict = field(default_factory=dict)
+    compress: dict = field(default_factory=dict)
     frames: dict = field(default_factory=dict)
     resolution: int | None = None
     augment: str = "none"
@@ -158,6 +169,7 @@ class StageConfig:
     deepspeed: str | None = "config/deepspeed/zero2.json"
     video_start_end: bool = False
     trace_batches: bool = False
+    packing: bool = False
     max_frames: int | None = None
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
@@ -197,6 +209,8 @@ class StageConfig:
         if self.vision == "cached" and (self.frames or self.resolution or self.augment != "none"):
             problems.append("frames, resolution and augment are settings of online stages (vision: online); a "
                             "cached stage reads the features section's frames")
+        if self.vision == "online" and self.features:
+            problems.append("features: the cached features' settings; an online stage samples its own frames")
         unknown_groups = set(self.param_groups) - set(PARAM_GROUPS)
         if unknown_groups:
             problems.append(f"param_groups: unknown group(s) {sorted(unknown_groups)}; groups are {PARAM_GROUPS}")
@@ -206,6 +220,8 @@ class StageConfig:
             self.matching = {"alpha": 2.0, "bidirectional_frames": True, **self.matching}
             if set(self.matching) != {"alpha", "bidirectional_frames"} or self.matching["alpha"] <= 1:
                 problems.append(f"matching: need alpha > 1 and bidirectional_frames only, got {self.matching}")
+        if self.packing and self.matching is not None:
+            problems.append("packing: matching takes one sample a row (its frame mask and loss); set packing: false")
         if (self.min_duration or 0) > (self.max_duration if self.max_duration is not None else float("inf")):
             problems.append(f"min_duration {self.min_duration} s is over max_duration {self.max_duration} s")
         if self.max_frames is not None and self.max_frames < 1:
@@ -245,10 +261,13 @@ STAGE_HYPERPARAMETERS = (
     "lr_scheduler", "weight_decay", "bf16", "gradient_checkpointing", "save_steps", "logging_steps", "seed",
     "dataloader_workers", "deepspeed", "video_start_end", "trace_batches", "max_frames", "report_to", "vision",
     "resolution", "augment", "video_prompt", "matching", "min_duration", "max_duration", "max_answer_words",
-    "warmup_steps", "warmup_start_lr", "min_learning_rate", "max_steps",
+    "warmup_steps", "warmup_start_lr", "min_learning_rate", "max_steps", "packing",
 )
 TOWER_KEYS = ("backend", "model", "pretrained", "seed", "layer", "overrides", "resize")  # of the features section
 FRAME_KEYS = ("sampling", "num_frames", "fps", "min_frames", "max_frames")
+# of the features section: what shapes the cached tokens besides the tower (FeatureConfig's settings, not its runtime)
+FEATURE_KEYS = (*FRAME_KEYS, "pooling", "temporal_tokens", "spatial_pool", "precision")
+COMPRESS_KEYS = ("fps", "size", "crf", "preset")  # of the compress section: what shapes the compressed videos
 
 
 def resolve_stage(config: dict, name: str) -> dict:
@@ -280,11 +299,17 @@ def resolve_stage(config: dict, name: str) -> dict:
         "vision_lora": stage.get("vision_lora") if stage["train"].get("vision_tower") == "lora" else None,
         **{key: stage[key] for key in STAGE_HYPERPARAMETERS if key in stage},
     }
+    compress = config.get("compress") or {}
+    resolved["compress"] = {key: compress[key] for key in COMPRESS_KEYS if key in compress}
     if resolved.get("vision") == "online":  # the features section's frames, with the stage's own over them
         resolved["frames"] = {**{key: features[key] for key in FRAME_KEYS if key in features},
                               **(stage.get("frames") or {})}
-    elif stage.get("frames"):
-        resolved["frames"] = stage["frames"]  # refused by StageConfig: frames are an online stage's
+        if resolved.get("resolution"):  # its videos are compressed at that size (common.smk compressed_folder)
+            resolved["compress"]["size"] = resolved["resolution"]
+    else:
+        resolved["features"] = {key: features[key] for key in FEATURE_KEYS if key in features}
+        if stage.get("frames"):
+            resolved["frames"] = stage["frames"]  # refused by StageConfig: frames are an online stage's
     groups = stage.get("param_groups") or {}
     resolved["param_groups"] = {
         group: {"learning_rate": resolved.get("learning_rate", StageConfig.learning_rate),

@@ -364,8 +364,10 @@ class VideoLLMTrainer(Trainer):
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, *args, **kwargs):
-        # this step's tokens, video positions included; summed on the device, read only when logging (no sync)
-        self._tokens = self._tokens + inputs["attention_mask"].sum()
+        # this step's tokens, video positions included (a packed batch has no padding, nor attention_mask); summed on
+        # the device, read only when logging (no sync)
+        mask = inputs.get("attention_mask")
+        self._tokens = self._tokens + (mask.sum() if mask is not None else inputs["input_ids"].numel())
         return super().compute_loss(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -645,7 +647,8 @@ def run_stage(config: StageConfig, paths: StagePaths) -> bool:
     resume = _latest_checkpoint(checkpoints, _stamp(config, paths), clean=args.process_index == 0)
     if not resume and args.process_index == 0:
         skipped.unlink(missing_ok=True)  # a fresh run lists its own
-    collator = VideoCollator(tokenizer.pad_token_id, trace=out / "batches.log" if config.trace_batches else None)
+    collator = VideoCollator(tokenizer.pad_token_id, trace=out / "batches.log" if config.trace_batches else None,
+                             packing=config.packing)
     preemption = Preemption()
     trainer = VideoLLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                               data_collator=collator, stage_meta=meta, param_groups=config.param_groups,

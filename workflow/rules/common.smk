@@ -28,6 +28,8 @@ DEMO_MANIFEST = "resources/demo/manifest.tsv"  # written by rule demo_manifest
 # Snakemake's benchmark folder, not these.
 EVAL_BENCHMARKS = {entry["name"]: entry for entry in config["evaluate"]["benchmarks"]}
 EVAL_STAGES = config["evaluate"]["stages"] or STAGES
+# Where rule export writes the last stage (export.enabled makes it a target of the whole run).
+EXPORT = f"{RESULTS}/export/{STAGES[-1]}_{config['export']['format']}"
 
 if EVAL_STAGE not in STAGES:
     sys.exit(f"config error: evaluate.stage: {EVAL_STAGE!r} is not a stage; stages are {STAGES}")
@@ -156,6 +158,7 @@ def all_targets(wildcards):
         *expand(f"{RESULTS}/train/{{stage}}/model", stage=STAGES),
         f"{RESULTS}/eval/metrics.json",
         *benchmark_metrics(),
+        *([EXPORT] if config["export"]["enabled"] else []),
         f"{RESULTS}/report/summary.html",
         f"{RESULTS}/report/video_stats.svg",
         *expand(f"{RESULTS}/report/loss_{{stage}}.svg", stage=STAGES),
