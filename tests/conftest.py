@@ -141,10 +141,14 @@ def pytest_collection_modifyitems(items) -> None:
 
 
 def copy_workflow(dest: Path) -> Path:
-    """Copy the workflow's files (Snakefile, workflow/, config/, profiles/, envs/) into ``dest``."""
+    """Copy the workflow's files (Snakefile, workflow/, config/, profiles/, envs/) and the demo's inputs that the
+    default config names (its sources, QA and multiple-choice files; not the manifest a rule writes) into ``dest``."""
     for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
         source = REPO / name
         (shutil.copytree if source.is_dir() else shutil.copy)(source, dest / name)
+    (dest / "resources" / "demo").mkdir(parents=True)
+    for name in ("sources.yaml", "qa.json", "mcq.json"):
+        shutil.copy(REPO / "resources" / "demo" / name, dest / "resources" / "demo" / name)
     return dest
 
 

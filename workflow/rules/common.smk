@@ -167,6 +167,12 @@ def all_targets(wildcards):
     ]
 
 
+def strip_videos():
+    """The compressed videos' index that the report's frame strips read: the last evaluated stage's own (online
+    stages), else the compress folder's."""
+    return stage_visuals(EVAL_STAGES[-1]).get("videos", f"{RESULTS}/compress/index.tsv")
+
+
 def benchmark_metrics():
     """Every (stage, benchmark) evaluation's metrics, stage by stage."""
     return expand(f"{RESULTS}/eval/{{stage}}/{{benchmark}}/metrics.json", stage=EVAL_STAGES,

@@ -52,7 +52,7 @@ rule summary:
         predictions=f"{RESULTS}/eval/predictions.jsonl",
         eval_metrics=benchmark_metrics(),
         eval_predictions=[path.replace("metrics.json", "predictions.jsonl") for path in benchmark_metrics()],
-        videos=f"{RESULTS}/compress/index.tsv",  # the frame strips of the benchmarks' sample predictions
+        videos=strip_videos(),  # the frame strips of the benchmarks' sample predictions
         assets=[f"{RESULTS}/report/video_stats.svg", *expand(f"{RESULTS}/report/loss_{{stage}}.svg", stage=STAGES),
                 f"{RESULTS}/report/rulegraph.svg"],
     output:
